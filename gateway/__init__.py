@@ -1,0 +1,1 @@
+"""The webhook gateway: Onoff's SMS webhook in, durable Kafka records out."""

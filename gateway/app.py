@@ -1,0 +1,219 @@
+"""The gateway's aiohttp application: routes, the webhook's request path, lifecycle.
+
+Composition only: the decisions (auth, parsing, validation, DLQ records, headers) are pure
+functions elsewhere; this module maps them to HTTP answers and Kafka records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from gateway.auth import AuthFailure
+from gateway.metrics import GatewayMetrics
+from gateway.publisher import ProducerOptions, Publisher, PublishFailed
+from gateway.settings import GatewaySettings
+from onoff_events.cloudevents import SmsEventHeaders, rfc3339_now
+from onoff_events.dlq import quarantine_message
+from onoff_events.logs import log_event
+from onoff_events.sms_event import SmsEventChecker, ValidSmsEvent
+
+log = logging.getLogger("gateway")
+
+WEBHOOK_PATH = "/v1/onoff/sms"
+DEV_KEY_LABEL = "insecure-dev"
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Mutable state of one running gateway."""
+
+    draining: bool = False
+
+
+PUBLISHER = web.AppKey("publisher", Publisher)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+
+
+def _json(
+    status: int, body: dict[str, object], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+class SmsWebhook:
+    """``POST /v1/onoff/sms``: authenticate, check, make durable, then answer."""
+
+    def __init__(
+        self, settings: GatewaySettings, metrics: GatewayMetrics, publisher: Publisher
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._publisher = publisher
+        self._checker = SmsEventChecker()
+        self._headers = SmsEventHeaders(settings.ce_source)
+        self._unavailable = {"Retry-After": str(settings.retry_after_seconds)}
+
+    async def receive(self, request: web.Request) -> web.Response:
+        received_at = rfc3339_now()
+        label = self._authenticate(request)
+        if isinstance(label, AuthFailure):
+            self._metrics.auth_failures.labels(label.value).inc()
+            return _json(
+                401,
+                {"error": "unauthorized", "detail": _AUTH_DETAIL[label]},
+                {"WWW-Authenticate": "x-api-key"},
+            )
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._too_large()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+
+        verdict = self._checker.check(raw)
+        try:
+            if isinstance(verdict, ValidSmsEvent):
+                await self._publisher.publish(
+                    self._settings.topic,
+                    verdict.event_id.encode(),
+                    raw,
+                    self._headers.build(verdict.event_id, verdict.date, received_at, label),
+                    self._settings.publish_timeout_seconds,
+                )
+                self._metrics.accepted_events.labels(label).inc()
+                return _json(200, {"status": "accepted"})
+            key, value, headers = quarantine_message(
+                verdict, received_at, label, self._settings.ce_source
+            )
+            await self._publisher.publish(
+                self._settings.dlq_topic,
+                key,
+                value,
+                headers,
+                self._settings.publish_timeout_seconds,
+            )
+        except PublishFailed as exc:
+            return _json(
+                503,
+                {"error": "unavailable", "detail": f"not made durable: {exc.reason}"},
+                self._unavailable,
+            )
+
+        self._metrics.quarantined_events.labels(verdict.reason).inc()
+        problems = [p.as_json() for p in verdict.problems]
+        log_event(
+            log,
+            "quarantined",
+            logging.WARNING,
+            reason=verdict.reason,
+            problems=[f"{p['path']} {p['keyword']}" for p in problems],
+        )
+        if verdict.reason == "schema_violation":
+            # Onoff retrying a well-formed object that breaks the schema could never help, and
+            # its activation test payload (shape undocumented) must pass: 200, reasons attached.
+            return _json(200, {"status": "quarantined", "problems": problems})
+        return _json(400, {"error": verdict.reason, "problems": problems})
+
+    def _authenticate(self, request: web.Request) -> str | AuthFailure:
+        if self._settings.insecure_no_auth:
+            return DEV_KEY_LABEL
+        return self._settings.api_keys.authenticate(
+            request.headers.get("Authorization"), request.headers.get("X-API-Key")
+        )
+
+    def _too_large(self) -> web.Response:
+        return _json(
+            413,
+            {"error": "too_large", "detail": f"body over {self._settings.max_body_bytes} bytes"},
+        )
+
+
+_AUTH_DETAIL = {
+    AuthFailure.MISSING: "send the header 'Authorization: x-api-key <key>'",
+    AuthFailure.MALFORMED: "expected 'Authorization: x-api-key <key>' or 'X-API-Key: <key>'",
+    AuthFailure.UNKNOWN_KEY: "the API key is not valid",
+}
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by route template (never the raw path)."""
+    metrics = request.app[METRICS]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        with metrics.http_requests_in_flight.track_inprogress():
+            response = await handler(request)
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    else:
+        status = response.status
+        return response
+    finally:
+        metrics.http_requests.labels(route, request.method, str(status)).inc()
+        metrics.http_request_duration.labels(route).observe(time.perf_counter() - started)
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return _json(200, {"status": "alive"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return _json(503, {"status": "draining"})
+    if not request.app[PUBLISHER].ready:
+        return _json(503, {"status": "kafka_unavailable"})
+    return _json(200, {"status": "ready"})
+
+
+def build_app(
+    settings: GatewaySettings,
+    registry: CollectorRegistry,
+    producer_options: ProducerOptions | None = None,
+) -> web.Application:
+    """Compose the gateway. Nothing connects until the app starts (its cleanup context)."""
+    metrics = GatewayMetrics.create(registry)
+    options = producer_options or ProducerOptions(
+        linger_ms=settings.linger_ms,
+        compression_type=None if settings.compression_type == "none" else settings.compression_type,
+    )
+    publisher = Publisher(settings.kafka, (settings.topic, settings.dlq_topic), metrics, options)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_observe])
+    app[METRICS] = metrics
+    app[PUBLISHER] = publisher
+    app[LIFECYCLE] = Lifecycle()
+
+    async def metrics_endpoint(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def publisher_lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await publisher.start()
+        yield
+        await publisher.close()
+
+    webhook = SmsWebhook(settings, metrics, publisher)
+    app.router.add_post(WEBHOOK_PATH, webhook.receive)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.cleanup_ctx.append(publisher_lifecycle)
+    return app

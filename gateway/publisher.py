@@ -1,0 +1,258 @@
+"""Making records durable in Kafka: one idempotent ``acks=all`` producer, supervised.
+
+The supervisor connects in the background (so the gateway serves ``/healthz`` while Kafka is
+down), probes the cluster so ``/readyz`` tells whether a publish can succeed, and replaces the
+producer without restarting the process when it reaches a state it cannot leave by itself.
+aiokafka's idempotent producer never gives up a batch, and after a broker outage it can stay
+stuck on ``OutOfOrderSequenceNumber`` for every later record (aiokafka issue 1017): the only
+cure is a new producer with a new producer id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    IllegalStateError,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    UnknownProducerId,
+)
+
+from gateway.metrics import GatewayMetrics
+from onoff_events.cloudevents import Headers
+from onoff_events.kafka import KafkaSettings
+from onoff_events.logs import log_event
+
+log = logging.getLogger("gateway.publisher")
+
+# Errors after which this producer will fail every later record: replace it.
+PRODUCER_FATAL: tuple[type[BaseException], ...] = (
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    UnknownProducerId,
+    IllegalStateError,
+    ProducerClosed,
+)
+
+
+class PublishFailed(Exception):
+    """A record was not made durable in time; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerOptions:
+    linger_ms: int = 2
+    compression_type: str | None = None
+    # Large enough that a burst of webhooks shares one produce request per partition.
+    max_batch_size: int = 256 * 1024
+    request_timeout_ms: int = 30_000
+    connect_timeout_seconds: float = 10.0
+    probe_interval_seconds: float = 2.0
+    probe_timeout_seconds: float = 5.0
+    close_timeout_seconds: float = 10.0
+    # This many publish timeouts in a row while metadata probes succeed: the producer is stuck.
+    stalled_after_timeouts: int = 5
+
+
+class Publisher:
+    """Publishes records and owns the producer's whole lifecycle."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        topics: Sequence[str],
+        metrics: GatewayMetrics,
+        options: ProducerOptions = ProducerOptions(),  # frozen, shared safely
+    ) -> None:
+        self._kafka = kafka
+        self._topics = tuple(topics)
+        self._metrics = metrics
+        self._options = options
+        self._producer: AIOKafkaProducer | None = None
+        self._retired: list[AIOKafkaProducer] = []
+        self._ready = False
+        self._wake = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._timeouts_in_a_row = 0
+        self._reported_missing: tuple[str, ...] = ()
+
+    @property
+    def ready(self) -> bool:
+        """A producer is running and the last probe reached the cluster and saw our topics."""
+        return self._ready and self._producer is not None
+
+    async def start(self) -> None:
+        """Start supervising; returns at once, the first connection is made in the background."""
+        self._supervisor = asyncio.create_task(self._supervise(), name="producer-supervisor")
+
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, within: float
+    ) -> None:
+        """Return once the broker acked the record (acks=all); else raise PublishFailed."""
+        producer = self._producer
+        if producer is None:
+            self._fail(topic, "producer_unavailable")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(within):
+                delivery = await producer.send(topic, value, key=key, headers=headers)
+                await delivery
+        except TimeoutError:
+            self._timeouts_in_a_row += 1
+            if self._timeouts_in_a_row >= self._options.stalled_after_timeouts and self._ready:
+                self._replace(producer, "stalled")
+            self._fail(topic, "timeout")
+        except PRODUCER_FATAL as exc:
+            self._replace(producer, type(exc).__name__)
+            self._fail(topic, "producer_fatal")
+        except MessageSizeTooLargeError:
+            self._fail(topic, "message_too_large")
+        except KafkaError as exc:
+            log_event(
+                log, "publish_failed", logging.WARNING, topic=topic, error_type=type(exc).__name__
+            )
+            self._fail(topic, "kafka_error")
+        self._timeouts_in_a_row = 0
+        self._metrics.publish_duration.labels(topic).observe(time.perf_counter() - started)
+
+    async def close(self) -> None:
+        """Stop supervising, flush what is pending (bounded), close every producer."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._set_ready(ready=False)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            self._retired.append(producer)
+        await self._close_retired()
+
+    def _fail(self, topic: str, reason: str) -> NoReturn:
+        self._metrics.publish_failures.labels(topic, reason).inc()
+        raise PublishFailed(reason)
+
+    def _replace(self, producer: AIOKafkaProducer, reason: str) -> None:
+        if producer is not self._producer:
+            return  # already replaced by a concurrent failure
+        log_event(log, "producer_replaced", logging.WARNING, reason=reason)
+        self._metrics.producer_restarts.labels(reason).inc()
+        self._producer = None
+        self._retired.append(producer)
+        self._timeouts_in_a_row = 0
+        self._set_ready(ready=False)
+        self._wake.set()
+
+    def _set_ready(self, *, ready: bool) -> None:
+        if ready != self._ready:
+            log_event(
+                log,
+                "producer_ready" if ready else "producer_not_ready",
+                logging.INFO if ready else logging.WARNING,
+            )
+        self._ready = ready
+        self._metrics.producer_connected.set(1 if ready else 0)
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while True:
+            await self._close_retired()
+            if self._producer is None:
+                try:
+                    self._producer = await self._connect()
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    log_event(
+                        log,
+                        "producer_connect_failed",
+                        logging.WARNING,
+                        error_type=type(exc).__name__,
+                        retry_in_seconds=backoff,
+                    )
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                backoff = 0.5
+            await self._probe(self._producer)
+            await self._sleep(self._options.probe_interval_seconds)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when a producer must be replaced."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _connect(self) -> AIOKafkaProducer:
+        o = self._options
+        producer = AIOKafkaProducer(
+            **self._kafka.client_options(),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=o.linger_ms,
+            compression_type=o.compression_type,
+            max_batch_size=o.max_batch_size,
+            request_timeout_ms=o.request_timeout_ms,
+        )
+        try:
+            async with asyncio.timeout(o.connect_timeout_seconds):
+                await producer.start()
+        except BaseException:
+            await self._stop_quietly(producer)
+            raise
+        for topic in self._topics:
+            producer.client.add_topic(topic)
+        log_event(log, "producer_started", bootstrap_servers=self._kafka.bootstrap_servers)
+        return producer
+
+    async def _probe(self, producer: AIOKafkaProducer) -> None:
+        sender = producer._sender.sender_task  # noqa: SLF001 # aiokafka exposes no health API
+        if sender is not None and sender.done():
+            self._replace(producer, "sender_stopped")
+            return
+        try:
+            async with asyncio.timeout(self._options.probe_timeout_seconds):
+                reached = bool(await producer.client.force_metadata_update())
+        except TimeoutError:
+            reached = False
+        cluster = producer.client.cluster
+        missing = tuple(t for t in self._topics if not cluster.partitions_for_topic(t))
+        if reached and missing != self._reported_missing:
+            self._reported_missing = missing
+            if missing:
+                log_event(log, "topics_missing", logging.ERROR, topics=list(missing))
+        self._set_ready(ready=reached and not missing)
+
+    async def _close_retired(self) -> None:
+        while self._retired:
+            await self._stop_quietly(self._retired.pop())
+
+    async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
+        """Stop a producer within the close timeout, flushing what it can."""
+        try:
+            async with asyncio.timeout(self._options.close_timeout_seconds):
+                await producer.stop()
+        except TimeoutError:
+            # stop() waits for a flush that a dead cluster never allows; cut the cord so no
+            # task or socket outlives us. Records still pending were never answered 200.
+            log_event(log, "producer_close_timeout", logging.WARNING)
+            await producer._sender.close()  # noqa: SLF001 # no public way to abandon a flush
+            await producer.client.close()
+        except KafkaError as exc:
+            log_event(log, "producer_close_failed", logging.WARNING, error_type=type(exc).__name__)

@@ -1,0 +1,107 @@
+"""The gateway's settings: one object, read from the environment once at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.auth import ApiKeys
+from onoff_events import settings as s
+from onoff_events.kafka import KafkaSettings
+
+# Onoff waits 10 s for an answer; a publish deadline at or past that would answer too late.
+ONOFF_READ_TIMEOUT_SECONDS = 10.0
+# Codecs aiokafka supports without optional native extras.
+COMPRESSION_TYPES = frozenset({"none", "gzip"})
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """Everything the gateway reads from its environment. See README.md for the table."""
+
+    host: str
+    port: int
+    api_keys: ApiKeys
+    insecure_no_auth: bool
+    max_body_bytes: int
+    publish_timeout_seconds: float
+    retry_after_seconds: int
+    drain_seconds: float
+    shutdown_timeout_seconds: float
+    topic: str
+    dlq_topic: str
+    ce_source: str
+    linger_ms: int
+    compression_type: str
+    kafka: KafkaSettings
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
+        """Build and validate; raise SettingsError naming the first bad setting."""
+        keys = ApiKeys.parse(env.get("GATEWAY_API_KEYS", ""))
+        insecure = s.flag(env, "GATEWAY_INSECURE_DEV_NO_AUTH")
+        if not keys.digests and not insecure:
+            raise s.SettingsError(
+                "GATEWAY_API_KEYS: no API key configured; set label:key pairs, or set "
+                "GATEWAY_INSECURE_DEV_NO_AUTH=true to accept unauthenticated requests "
+                "(development only)"
+            )
+        if keys.digests and insecure:
+            raise s.SettingsError(
+                "GATEWAY_INSECURE_DEV_NO_AUTH: cannot be combined with GATEWAY_API_KEYS"
+            )
+        topic = s.text(env, "KAFKA_TOPIC", "sms-events")
+        publish_timeout = s.number(
+            env, "GATEWAY_PUBLISH_TIMEOUT_SECONDS", 5.0, float, minimum=0.1, maximum=9.0
+        )
+        return cls(
+            host=s.text(env, "GATEWAY_HOST", "0.0.0.0"),  # noqa: S104 # a container listens on all interfaces
+            port=s.number(env, "GATEWAY_PORT", 8080, int, minimum=1, maximum=65535),
+            api_keys=keys,
+            insecure_no_auth=insecure,
+            max_body_bytes=s.number(
+                env, "GATEWAY_MAX_BODY_BYTES", 64 * 1024, int, minimum=1024, maximum=8 * 1024 * 1024
+            ),
+            publish_timeout_seconds=publish_timeout,
+            retry_after_seconds=s.number(
+                env, "GATEWAY_RETRY_AFTER_SECONDS", 5, int, minimum=1, maximum=3600
+            ),
+            drain_seconds=s.number(
+                env, "GATEWAY_DRAIN_SECONDS", 0.0, float, minimum=0, maximum=300
+            ),
+            shutdown_timeout_seconds=s.number(
+                env, "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS", 15.0, float, minimum=1, maximum=600
+            ),
+            topic=topic,
+            dlq_topic=s.text(env, "KAFKA_DLQ_TOPIC", f"{topic}.dlq"),
+            ce_source=s.text(env, "GATEWAY_CE_SOURCE", "/onoff-events/gateway/v1/onoff/sms"),
+            linger_ms=s.number(env, "KAFKA_LINGER_MS", 2, int, minimum=0, maximum=1000),
+            compression_type=s.choice(env, "KAFKA_COMPRESSION_TYPE", "none", COMPRESSION_TYPES),
+            kafka=KafkaSettings.from_env(env, client_id="onoff-gateway"),
+            log_level=s.choice(
+                env, "LOG_LEVEL", "INFO", frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+            ),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as logged at start: key labels only, secrets masked."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "api_key_labels": list(self.api_keys.labels),
+            "insecure_no_auth": self.insecure_no_auth,
+            "max_body_bytes": self.max_body_bytes,
+            "publish_timeout_seconds": self.publish_timeout_seconds,
+            "retry_after_seconds": self.retry_after_seconds,
+            "drain_seconds": self.drain_seconds,
+            "shutdown_timeout_seconds": self.shutdown_timeout_seconds,
+            "topic": self.topic,
+            "dlq_topic": self.dlq_topic,
+            "ce_source": self.ce_source,
+            "linger_ms": self.linger_ms,
+            "compression_type": self.compression_type,
+            "kafka": self.kafka.describe(),
+            "log_level": self.log_level,
+        }

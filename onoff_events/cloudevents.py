@@ -1,0 +1,44 @@
+"""CloudEvents Kafka protocol binding, binary content mode: the event's attributes travel as
+``ce_``-prefixed record headers, the data is the record value untouched."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+SPEC_VERSION = "1.0"
+SMS_EVENT_TYPE = "com.onoff.business.sms.v1"
+"""``ce_type``: reverse-DNS name of the event and its contract version (bumped on a break)."""
+SMS_DATASCHEMA = "https://onoff-events.dev/schemas/onoff-sms-event.schema.json"
+RECEIVED_TIME = "ce_receivedtime"
+"""Extension attribute: when the gateway received the webhook (RFC 3339, UTC, milliseconds)."""
+KEY_LABEL = "ce_keylabel"
+"""Extension attribute: label of the API key that authenticated the webhook (never the key)."""
+
+Headers = list[tuple[str, bytes]]
+
+
+def rfc3339_now() -> str:
+    """The current UTC time as RFC 3339 with milliseconds and a ``Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SmsEventHeaders:
+    """Builds the headers of one ``sms-events`` record; the constant ones are encoded once."""
+
+    def __init__(self, source: str) -> None:
+        self._constant: Headers = [
+            ("ce_specversion", SPEC_VERSION.encode()),
+            ("ce_source", source.encode()),
+            ("ce_type", SMS_EVENT_TYPE.encode()),
+            ("ce_dataschema", SMS_DATASCHEMA.encode()),
+            ("content-type", b"application/json"),
+        ]
+
+    def build(self, event_id: str, event_time: str, received_time: str, key_label: str) -> Headers:
+        return [
+            ("ce_id", event_id.encode()),
+            ("ce_time", event_time.encode()),
+            *self._constant,
+            (RECEIVED_TIME, received_time.encode()),
+            (KEY_LABEL, key_label.encode()),
+        ]

@@ -1,0 +1,59 @@
+"""Records of the DLQ topic (``sms-events.dlq``), built as pure functions.
+
+The record's shape is ``schemas/dlq-record.schema.json``. The value keeps what Onoff sent (the
+parsed object, or the raw bytes in base64 when it is not a JSON object) so that an operator
+can fix and re-drive it; the reasons never quote a value from the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+import orjson
+
+from onoff_events.cloudevents import SPEC_VERSION, Headers
+from onoff_events.sms_event import Quarantined
+
+QUARANTINE_EVENT_TYPE = "com.onoff.business.sms.quarantined.v1"
+
+
+def quarantine_record(verdict: Quarantined, received_at: str, key_label: str) -> dict[str, Any]:
+    """The DLQ record for a body that could not go to the events topic."""
+    record: dict[str, Any] = {
+        "dlq_version": 1,
+        "stage": "gateway",
+        "reason": verdict.reason,
+        "errors": [p.as_json() for p in verdict.problems],
+        "event_id": verdict.event_id,
+        "received_at": received_at,
+        "key_label": key_label,
+    }
+    if verdict.payload is not None:
+        record["payload"] = verdict.payload
+    else:
+        record["raw_body_base64"] = base64.b64encode(verdict.raw).decode()
+    return record
+
+
+def quarantine_message(
+    verdict: Quarantined, received_at: str, key_label: str, source: str
+) -> tuple[bytes | None, bytes, Headers]:
+    """Key, value and CloudEvents headers of the DLQ record for ``verdict``.
+
+    The key is the event id when there is a usable one, so a quarantined event lands in the
+    same partition as its valid retries would; each record gets its own ``ce_id``.
+    """
+    key = verdict.event_id.encode() if verdict.event_id is not None else None
+    value = orjson.dumps(quarantine_record(verdict, received_at, key_label))
+    headers: Headers = [
+        ("ce_specversion", SPEC_VERSION.encode()),
+        ("ce_id", uuid.uuid4().hex.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", QUARANTINE_EVENT_TYPE.encode()),
+        ("ce_time", received_at.encode()),
+        ("content-type", b"application/json"),
+        ("ce_keylabel", key_label.encode()),
+    ]
+    return key, value, headers

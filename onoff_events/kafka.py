@@ -1,0 +1,111 @@
+"""Kafka connection settings shared by the gateway and the consumers, and topic creation."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from onoff_events import settings as s
+
+SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
+SASL_MECHANISMS = frozenset({"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"})
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    """How to reach the cluster. Strimzi's KafkaUser gives SCRAM-SHA-512 or mutual TLS."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "onoff-events"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], client_id: str) -> KafkaSettings:
+        """Read ``KAFKA_*`` variables; raise SettingsError naming a bad one."""
+        bootstrap = s.text(env, "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        for server in bootstrap.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise s.SettingsError(
+                    f"KAFKA_BOOTSTRAP_SERVERS: expected host:port[,host:port…], got {bootstrap!r}"
+                )
+        protocol = s.choice(env, "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", SECURITY_PROTOCOLS)
+        mechanism = s.choice(env, "KAFKA_SASL_MECHANISM", "SCRAM-SHA-512", SASL_MECHANISMS)
+        username = s.text(env, "KAFKA_SASL_USERNAME", "")
+        password = env.get("KAFKA_SASL_PASSWORD", "")
+        if protocol.startswith("SASL") and not (username and password):
+            raise s.SettingsError(
+                f"KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD: required with "
+                f"KAFKA_SECURITY_PROTOCOL={protocol}"
+            )
+        return cls(
+            bootstrap_servers=bootstrap,
+            client_id=s.text(env, "KAFKA_CLIENT_ID", client_id),
+            security_protocol=protocol,
+            sasl_mechanism=mechanism,
+            sasl_username=username,
+            sasl_password=password,
+            ssl_cafile=s.text(env, "KAFKA_SSL_CAFILE", ""),
+            ssl_certfile=s.text(env, "KAFKA_SSL_CERTFILE", ""),
+            ssl_keyfile=s.text(env, "KAFKA_SSL_KEYFILE", ""),
+        )
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments common to aiokafka's producer, consumer and admin client."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            context = ssl.create_default_context(cafile=self.ssl_cafile or None)
+            if self.ssl_certfile:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+            options["ssl_context"] = context
+        if self.security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        return options
+
+    def describe(self) -> dict[str, str]:
+        """The settings as printed at start, the password masked."""
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "sasl_mechanism": self.sasl_mechanism if self.sasl_username else "",
+            "sasl_username": self.sasl_username,
+            "sasl_password": s.mask(self.sasl_password),
+        }
+
+
+async def ensure_topics(
+    kafka: KafkaSettings, topics: Mapping[str, int], replication_factor: int = 1
+) -> list[str]:
+    """Create the topics that do not exist yet (name → partitions); return the ones created.
+
+    For local brokers and tests; in production Strimzi's KafkaTopic resources own the topics.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: PLC0415 # only tools need it
+
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in topics if name not in existing]
+        if missing:
+            await admin.create_topics(
+                [NewTopic(name, topics[name], replication_factor) for name in missing]
+            )
+        return missing
+    finally:
+        await admin.close()

@@ -1,0 +1,49 @@
+"""Structured JSON logs: one line per notable event, fields named, no personal data.
+
+Call sites pass an event name and explicit fields (``log_event(log, "publish_failed",
+reason="timeout")``); nothing formats a payload into a message, so bodies, numbers and
+e-mails cannot slip into a log line by accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+
+from onoff_events.cloudevents import rfc3339_now
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": rfc3339_now(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info and record.exc_info[0] is not None:
+            # The type and message only: tracebacks of library errors can quote payloads.
+            line["error_type"] = record.exc_info[0].__name__
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure(level: str = "INFO") -> None:
+    """Send every logger's records to stdout as JSON lines (containers collect stdout)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiokafka logs every reconnect attempt at ERROR with addresses only; keep them, they help.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one named event with its fields."""
+    logger.log(level, event, extra={"fields": fields})

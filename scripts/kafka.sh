@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# A real single-node Apache Kafka (KRaft, combined broker+controller) on 127.0.0.1, no Docker.
+#
+#   scripts/kafka.sh fetch                 resolve the jars from Maven Central (cached)
+#   scripts/kafka.sh start  [DIR] [PORT]   format storage if new, start, wait until it serves metadata
+#   scripts/kafka.sh stop   [DIR]          stop, leave no process behind
+#   scripts/kafka.sh status [DIR]
+#   scripts/kafka.sh run    [DIR] [PORT]   foreground (Ctrl-C stops it)
+#   scripts/kafka.sh class  CLASS ARGS...  run any class from the Kafka jars (tools, perf tests)
+#
+# DIR defaults to .data/kafka, PORT to $KAFKA_PORT or 9092; the controller listens on PORT+1.
+# KAFKA_VERSION (default below) picks the release; KAFKA_HEAP_OPTS the JVM heap.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+version=${KAFKA_VERSION:-4.3.1}
+log4j_version=2.24.3
+cache="$root/.cache/kafka/$version"
+libs="$cache/libs"
+
+die() { echo "kafka.sh: $*" >&2; exit 1; }
+
+fetch() {
+  [ -f "$libs/.complete" ] && return 0
+  command -v mvn >/dev/null || die "Maven (mvn) is needed to resolve Kafka's jars; apt-get install maven"
+  command -v java >/dev/null || die "Java 17+ is needed to run Kafka; apt-get install openjdk-17-jre-headless"
+  mkdir -p "$cache"
+  # kafka-tools brings the perf and admin tools (ProducerPerformance, BrokerApiVersionsCommand);
+  # log4j-slf4j-impl binds the slf4j 1.7 API that Kafka's jars use, so the broker actually logs.
+  cat >"$cache/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.onoff-events</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$version</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>$version</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>$log4j_version</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>$log4j_version</version></dependency>
+  </dependencies>
+</project>
+POM
+  echo "kafka.sh: resolving Apache Kafka $version from Maven Central into $libs" >&2
+  rm -rf "$libs.tmp"
+  mvn -q -B -f "$cache/pom.xml" dependency:copy-dependencies \
+      -DoutputDirectory="$libs.tmp" -DincludeScope=runtime >&2 \
+    || die "mvn could not resolve org.apache.kafka:kafka_2.13:$version"
+  # Two slf4j bindings on one classpath make slf4j pick one at random; keep ours only.
+  rm -f "$libs.tmp"/slf4j-reload4j-*.jar "$libs.tmp"/log4j-slf4j2-impl-*.jar
+  rm -rf "$libs"; mv "$libs.tmp" "$libs"; touch "$libs/.complete"
+}
+
+java_args() {  # the JVM's own options, one a line
+  # shellcheck disable=SC2086 # KAFKA_HEAP_OPTS holds several options on purpose
+  printf '%s\n' ${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m} -XX:+UseG1GC -Djava.awt.headless=true \
+    "-Dlog4j2.configurationFile=$cache/log4j2.properties" -cp "$libs/*"
+}
+
+java_run() {  # java_run CLASS ARGS...
+  local opts; mapfile -t opts < <(java_args)
+  java "${opts[@]}" "$@"
+}
+
+write_config() {  # write_config DIR PORT
+  local dir=$1 port=$2 cport=$(( $2 + 1 ))
+  mkdir -p "$dir/data"
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=3
+# Topics are created on purpose (scripts, tests, Strimzi in production), never by a typo.
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=3
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=24
+PROPS
+  cat >"$cache/log4j2.properties" <<'L4J'
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = OUT
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.controller.name = kafka.controller
+logger.controller.level = WARN
+L4J
+}
+
+format_storage() {  # format_storage DIR
+  local dir=$1
+  [ -f "$dir/data/meta.properties" ] && return 0
+  local cluster_id
+  cluster_id=$(java_run kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+  java_run kafka.tools.StorageTool format --standalone -t "$cluster_id" \
+    -c "$dir/server.properties" >>"$dir/kafka.log" 2>&1 \
+    || die "formatting KRaft storage failed; see $dir/kafka.log"
+}
+
+pid_of() {  # prints the pid if the broker of DIR runs
+  local dir=$1
+  [ -f "$dir/kafka.pid" ] || return 1
+  local pid; pid=$(cat "$dir/kafka.pid")
+  kill -0 "$pid" 2>/dev/null || return 1
+  echo "$pid"
+}
+
+# ApiVersions v0 is answered by every broker version; a broker answers only once its
+# socket server is up, and we also wait for the server's own "started" line below.
+probe() {  # probe PORT -> exit 0 if a Kafka broker answers ApiVersions on 127.0.0.1:PORT
+  python3 - "$1" <<'PY'
+import socket, struct, sys
+port = int(sys.argv[1])
+try:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.settimeout(2)
+        client = b"probe"
+        body = struct.pack(">hhih", 18, 0, 7, len(client)) + client
+        s.sendall(struct.pack(">i", len(body)) + body)
+        size = struct.unpack(">i", s.recv(4, socket.MSG_WAITALL))[0]
+        payload = s.recv(size, socket.MSG_WAITALL)
+        corr, err = struct.unpack(">ih", payload[:6])
+        sys.exit(0 if corr == 7 and err == 0 else 1)
+except (OSError, struct.error):
+    sys.exit(1)
+PY
+}
+
+start() {
+  local dir=${1:-$root/.data/kafka} port=${2:-${KAFKA_PORT:-9092}}
+  fetch
+  mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
+  if pid=$(pid_of "$dir"); then
+    echo "kafka.sh: already running (pid $pid) in $dir" >&2; return 0
+  fi
+  write_config "$dir" "$port"
+  format_storage "$dir"
+    local opts; mapfile -t opts < <(java_args)
+  # setsid: a Ctrl-C in the terminal reaches our scripts, which stop the broker in order.
+  setsid java "${opts[@]}" kafka.Kafka "$dir/server.properties" >>"$dir/kafka.log" 2>&1 </dev/null &
+  echo $! >"$dir/kafka.pid"
+  local deadline=$(( SECONDS + ${KAFKA_START_TIMEOUT:-90} ))
+  until probe "$port" && grep -q "Kafka Server started" "$dir/kafka.log"; do
+    if ! pid_of "$dir" >/dev/null; then
+      tail -n 30 "$dir/kafka.log" >&2; die "broker exited during start-up; log: $dir/kafka.log"
+    fi
+    [ $SECONDS -lt $deadline ] || { stop "$dir"; die "broker did not answer on 127.0.0.1:$port in time; log: $dir/kafka.log"; }
+    sleep 0.5
+  done
+  echo "kafka.sh: Kafka $version ready on 127.0.0.1:$port (pid $(cat "$dir/kafka.pid"), log $dir/kafka.log)" >&2
+}
+
+stop() {
+  local dir=${1:-$root/.data/kafka} pid
+  [ -d "$dir" ] || return 0
+  if pid=$(pid_of "$dir"); then
+    kill -TERM "$pid" 2>/dev/null || true
+    # A controlled shutdown takes a few seconds; past 30 s the broker is killed.
+    for _ in $(seq 1 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$dir/kafka.pid"
+}
+
+case "${1:-}" in
+  fetch) fetch ;;
+  start) shift; start "$@" ;;
+  stop) shift; stop "$@" ;;
+  status) dir=${2:-$root/.data/kafka}; if pid=$(pid_of "$dir"); then echo "running (pid $pid)"; else echo "stopped"; exit 3; fi ;;
+  run) shift; dir=${1:-$root/.data/kafka}; port=${2:-${KAFKA_PORT:-9092}}; fetch; mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
+       write_config "$dir" "$port"; format_storage "$dir"; java_run kafka.Kafka "$dir/server.properties" ;;
+  class) shift; fetch; java_run "$@" ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
