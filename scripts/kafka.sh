@@ -22,8 +22,15 @@ die() { echo "kafka.sh: $*" >&2; exit 1; }
 
 fetch() {
   [ -f "$libs/.complete" ] && return 0
-  command -v mvn >/dev/null || die "Maven (mvn) is needed to resolve Kafka's jars; apt-get install maven"
-  command -v java >/dev/null || die "Java 17+ is needed to run Kafka; apt-get install openjdk-17-jre-headless"
+  if ! command -v mvn >/dev/null || ! command -v java >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "kafka.sh: installing Java 17 and Maven from Debian's packages" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+    fi
+    command -v mvn >/dev/null || die "Maven (mvn) is needed to resolve Kafka's jars; apt-get install maven"
+    command -v java >/dev/null || die "Java 17+ is needed to run Kafka; apt-get install openjdk-17-jre-headless"
+  fi
   mkdir -p "$cache"
   # kafka-tools brings the perf and admin tools (ProducerPerformance, BrokerApiVersionsCommand);
   # log4j-slf4j-impl binds the slf4j 1.7 API that Kafka's jars use, so the broker actually logs.

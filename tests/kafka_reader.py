@@ -15,7 +15,10 @@ async def read_records(
     more arrive (``count=None``: read until the end offsets seen at the start), or after
     ``seconds``."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
     await consumer.start()
@@ -36,7 +39,9 @@ async def read_records(
                     end_offsets = await consumer.end_offsets(list(partitions))
                 if end_offsets is not None:
                     positions = [await _position(consumer, tp) for tp in end_offsets]
-                    if all(p >= end for p, end in zip(positions, end_offsets.values(), strict=True)):
+                    if all(
+                        p >= end for p, end in zip(positions, end_offsets.values(), strict=True)
+                    ):
                         break
     finally:
         await consumer.stop()

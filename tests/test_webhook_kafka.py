@@ -33,7 +33,7 @@ async def post(
 
 
 def headers_of(record: Any) -> dict[str, bytes]:
-    return {name: value for name, value in record.headers}
+    return dict(record.headers)
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,14 @@ async def test_onoff_sample_is_acknowledged_then_on_the_topic_with_key_value_and
         ({"Authorization": "x-api-key"}, "malformed"),
         ({"Authorization": TEST_KEY}, "malformed"),
     ],
-    ids=["missing", "wrong-key", "wrong-bare-key", "bearer-scheme", "scheme-without-key", "no-scheme"],
+    ids=[
+        "missing",
+        "wrong-key",
+        "wrong-bare-key",
+        "bearer-scheme",
+        "scheme-without-key",
+        "no-scheme",
+    ],
 )
 async def test_bad_or_missing_key_is_401_and_nothing_is_published(
     gateway: RunningGateway,
@@ -164,7 +171,15 @@ async def test_malformed_body_is_400_and_kept_raw_on_the_dlq(
         ({"id": "has space"}, {"/id"}),
         ({"body": None, "externalNumber": 5}, {"/body", "/externalNumber"}),
     ],
-    ids=["direction", "date", "event-name", "empty-id", "numeric-id", "id-with-space", "two-fields"],
+    ids=[
+        "direction",
+        "date",
+        "event-name",
+        "empty-id",
+        "numeric-id",
+        "id-with-space",
+        "two-fields",
+    ],
 )
 async def test_object_breaking_the_schema_is_200_with_reasons_and_on_the_dlq(
     gateway: RunningGateway,
@@ -261,7 +276,7 @@ async def test_concurrent_requests_share_produce_requests(
     """Many webhooks in flight at once go out in far fewer produce requests than records."""
     from aiokafka.protocol.produce import ProduceRequest  # noqa: PLC0415
 
-    producer = gateway.app[__import__("gateway.app").app.PUBLISHER]._producer  # noqa: SLF001
+    producer = gateway.app[__import__("gateway.app").app.PUBLISHER]._producer
     client = producer.client
     real_send = client.send
     produce_requests = 0
@@ -310,8 +325,14 @@ async def test_metrics_parse_and_count_what_was_sent(gateway: RunningGateway) ->
     assert value(requests, requests + "_total", route=WEBHOOK, status="400") == 1
     assert value(requests, requests + "_total", route=WEBHOOK, status="401") == 1
     assert value(requests, requests + "_total", route="/readyz", status="200") == 1
-    assert value("onoff_gateway_accepted_events", "onoff_gateway_accepted_events_total",
-                 key_label="primary") == 3
+    assert (
+        value(
+            "onoff_gateway_accepted_events",
+            "onoff_gateway_accepted_events_total",
+            key_label="primary",
+        )
+        == 3
+    )
     quarantined = "onoff_gateway_quarantined_events"
     assert value(quarantined, quarantined + "_total", reason="not_object") == 1
     assert value(quarantined, quarantined + "_total", reason="schema_violation") == 1
@@ -359,8 +380,12 @@ def _sample(gw: RunningGateway, name: str, **labels: str) -> float:
 def test_dlq_schema_accepts_only_one_of_payload_or_raw() -> None:
     validator: jsonschema_rs.Draft202012Validator = schemas.validator(schemas.DLQ_RECORD)
     base = {
-        "dlq_version": 1, "stage": "gateway", "reason": "invalid_json", "errors": [],
-        "received_at": "2024-01-01T00:00:00Z", "key_label": "k",
+        "dlq_version": 1,
+        "stage": "gateway",
+        "reason": "invalid_json",
+        "errors": [],
+        "received_at": "2024-01-01T00:00:00Z",
+        "key_label": "k",
     }
     assert not validator.is_valid(base)
     assert validator.is_valid({**base, "raw_body_base64": "AA=="})

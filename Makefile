@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    venv, dependencies, a local Kafka broker, the gateway (foreground; Ctrl-C stops all)
+#   make test   the same set-up, then lint, types, import rules and the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint unit kafka-fetch kafka-start kafka-stop clean help
+
+help:
+	@sed -n '1,4p' Makefile
+
+$(STAMP): pyproject.toml
+	@scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
+	@touch $(STAMP)
+
+kafka-fetch:
+	@scripts/kafka.sh fetch
+
+run: $(STAMP) kafka-fetch
+	@scripts/run.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: $(STAMP) kafka-fetch lint
+	$(BIN)/pytest
+
+kafka-start: kafka-fetch
+	@scripts/kafka.sh start
+
+kafka-stop:
+	@scripts/kafka.sh stop
+
+clean:
+	-scripts/kafka.sh stop
+	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache

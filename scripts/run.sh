@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# `make run`: a local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), the
+# topics, and the gateway in the foreground with a development API key. Ctrl-C stops all.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.venv/bin
+mkdir -p .data
+
+started_kafka=""
+if [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
+  port=${KAFKA_PORT:-9092}
+  scripts/kafka.sh start .data/kafka "$port"
+  started_kafka=1
+  export KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:$port"
+fi
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "$started_kafka" ]; then scripts/kafka.sh stop .data/kafka; fi
+  echo "run: stopped" >&2
+}
+trap cleanup INT TERM EXIT
+
+"$bin/python" -m onoff_events.topics
+
+# A development key, made once and kept in .data (ignored by git), unless keys are given.
+if [ -z "${GATEWAY_API_KEYS:-}" ]; then
+  [ -s .data/dev-api-key ] || "$bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))' > .data/dev-api-key
+  export GATEWAY_API_KEYS="dev:$(cat .data/dev-api-key)"
+fi
+export GATEWAY_PORT=${GATEWAY_PORT:-8080}
+key=${GATEWAY_API_KEYS#*:}; key=${key%%,*}
+
+cat >&2 <<MSG
+
+run: the gateway listens on http://127.0.0.1:$GATEWAY_PORT  (Ctrl-C stops everything)
+run: send Onoff's sample SMS event with:
+
+curl -i http://127.0.0.1:$GATEWAY_PORT/v1/onoff/sms \\
+  -H 'Authorization: x-api-key $key' -H 'Content-Type: application/json' \\
+  -d '{"id":"12345","eventName":"SMS","onoffUserName":"John Doe","onoffUserEmail":"john.doe@example.com","onoffUserNumber":"1234567890","externalNumber":"0987654321","externalName":"John Smith","externalEmail":"smith@example.com","date":"2023-05-20T14:30:00Z","smsDirection":"SENT","body":"This is the body of the SMS"}'
+
+MSG
+
+"$bin/python" -m gateway &
+pids+=($!)
+# Wait for any service to end (Ctrl-C lands in the trap above).
+wait -n "${pids[@]}" || true

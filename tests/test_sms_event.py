@@ -1,0 +1,116 @@
+"""The SMS event contract as pure functions: verdicts, reasons, DLQ records, headers."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import pytest
+
+from onoff_events import schemas
+from onoff_events.cloudevents import SmsEventHeaders
+from onoff_events.dlq import quarantine_message, quarantine_record
+from onoff_events.sms_event import Quarantined, SmsEventChecker, ValidSmsEvent
+from tests.payloads import ONOFF_SAMPLE, sms_event
+
+CHECKER = SmsEventChecker()
+
+
+def test_onoff_sample_is_valid_and_kept_byte_for_byte() -> None:
+    verdict = CHECKER.check(ONOFF_SAMPLE)
+    assert verdict == ValidSmsEvent("12345", "2023-05-20T14:30:00Z", ONOFF_SAMPLE)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"externalName": None, "externalEmail": None},
+        {"company": "ACME", "tags": [1, 2]},
+        {"smsDirection": "RECEIVED", "body": ""},
+        {"date": "2023-05-20T14:30:00.123+02:00"},
+    ],
+    ids=["optional-null", "unknown-fields", "received-empty-body", "offset-and-fraction"],
+)
+def test_valid_variants(change: dict[str, Any]) -> None:
+    assert isinstance(CHECKER.check(orjson.dumps(sms_event(**change))), ValidSmsEvent)
+
+
+def test_optional_contact_fields_may_be_absent() -> None:
+    event = sms_event()
+    del event["externalName"], event["externalEmail"]
+    assert isinstance(CHECKER.check(orjson.dumps(event)), ValidSmsEvent)
+
+
+@pytest.mark.parametrize(
+    ("change", "problems"),
+    [
+        ({"smsDirection": "sent"}, [("/smsDirection", "enum")]),
+        ({"date": "2023-05-20 14:30"}, [("/date", "format")]),
+        ({"id": "x" * 257}, [("/id", "maxLength")]),
+        ({"id": "tab\there"}, [("/id", "pattern")]),
+        ({"onoffUserNumber": 1234567890}, [("/onoffUserNumber", "type")]),
+    ],
+)
+def test_each_violation_is_named_by_path_and_keyword(
+    change: dict[str, Any], problems: list[tuple[str, str]]
+) -> None:
+    verdict = CHECKER.check(orjson.dumps(sms_event(**change)))
+    assert isinstance(verdict, Quarantined)
+    assert verdict.reason == "schema_violation"
+    assert [(p.path, p.keyword) for p in verdict.problems] == problems
+
+
+def test_reasons_never_quote_a_value_from_the_body() -> None:
+    secret_values = {
+        "onoffUserNumber": 33612345678,
+        "date": "call +33612345678",
+        "smsDirection": "alice@example.com",
+        "id": "bad id with spaces",
+    }
+    verdict = CHECKER.check(orjson.dumps(sms_event(**secret_values)))
+    assert isinstance(verdict, Quarantined)
+    text = orjson.dumps([p.as_json() for p in verdict.problems]).decode()
+    for value in ("33612345678", "alice@example.com", "bad id"):
+        assert value not in text
+    assert verdict.event_id is None  # an unusable id is not used as a key
+
+
+def test_dlq_record_for_a_non_object_keeps_the_raw_bytes_and_matches_its_schema() -> None:
+    raw = b"\x00\xffnot json"
+    verdict = CHECKER.check(raw)
+    assert isinstance(verdict, Quarantined)
+    record = quarantine_record(verdict, "2024-01-01T00:00:00.000Z", "onoff")
+    assert base64.b64decode(record["raw_body_base64"]) == raw
+    assert "payload" not in record
+    schemas.validator(schemas.DLQ_RECORD).validate(record)
+
+
+def test_dlq_message_is_keyed_by_a_usable_id_and_carries_cloudevents_headers() -> None:
+    event = sms_event(smsDirection="UP")
+    verdict = CHECKER.check(orjson.dumps(event))
+    assert isinstance(verdict, Quarantined)
+    key, value, headers = quarantine_message(verdict, "2024-01-01T00:00:00.000Z", "onoff", "/s")
+    assert key == event["id"].encode()
+    assert orjson.loads(value)["payload"] == event
+    names = dict(headers)
+    assert names["ce_type"] == b"com.onoff.business.sms.quarantined.v1"
+    assert names["content-type"] == b"application/json"
+    other = quarantine_message(verdict, "2024-01-01T00:00:00.000Z", "onoff", "/s")
+    assert dict(other[2])["ce_id"] != names["ce_id"]
+
+
+def test_event_headers_follow_the_cloudevents_kafka_binding() -> None:
+    headers = dict(
+        SmsEventHeaders("/src").build(
+            "id-1", "2023-05-20T14:30:00Z", "2023-05-20T14:30:01.000Z", "onoff"
+        )
+    )
+    required = {"ce_specversion", "ce_id", "ce_source", "ce_type", "content-type"}
+    assert required <= headers.keys()
+    assert all(name == "content-type" or name.startswith("ce_") for name in headers)
+    # Extension attribute names: lower-case letters and digits only (CloudEvents 1.0).
+    for name in headers:
+        if name.startswith("ce_"):
+            assert name[3:].isalnum()
+            assert name[3:].islower()
