@@ -57,14 +57,33 @@ POM
   rm -rf "$libs"; mv "$libs.tmp" "$libs"; touch "$libs/.complete"
 }
 
-java_args() {  # the JVM's own options, one a line
+java_args() {  # java_args LOG4J_CONFIG: the JVM's own options, one a line
   # shellcheck disable=SC2086 # KAFKA_HEAP_OPTS holds several options on purpose
   printf '%s\n' ${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m} -XX:+UseG1GC -Djava.awt.headless=true \
-    "-Dlog4j2.configurationFile=$cache/log4j2.properties" -cp "$libs/*"
+    "-Dlog4j2.configurationFile=$1" -cp "$libs/*"
 }
 
-java_run() {  # java_run CLASS ARGS...
-  local opts; mapfile -t opts < <(java_args)
+write_log_configs() {
+  # The broker logs INFO to its log file; tools (console consumer, perf tests) only warn,
+  # on stderr, so their own output stays readable.
+  for level in INFO WARN; do
+    cat >"$cache/log4j2-$level.properties" <<L4J
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.target = SYSTEM_ERR
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = $level
+rootLogger.appenderRef.out.ref = OUT
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+L4J
+  done
+}
+
+java_run() {  # java_run CLASS ARGS...  (a tool: warnings only)
+  local opts; mapfile -t opts < <(java_args "$cache/log4j2-WARN.properties")
   java "${opts[@]}" "$@"
 }
 
@@ -93,19 +112,7 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=24
 PROPS
-  cat >"$cache/log4j2.properties" <<'L4J'
-status = warn
-appender.out.type = Console
-appender.out.name = OUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.out.ref = OUT
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-logger.controller.name = kafka.controller
-logger.controller.level = WARN
-L4J
+  write_log_configs
 }
 
 format_storage() {  # format_storage DIR
@@ -156,7 +163,7 @@ start() {
   fi
   write_config "$dir" "$port"
   format_storage "$dir"
-    local opts; mapfile -t opts < <(java_args)
+    local opts; mapfile -t opts < <(java_args "$cache/log4j2-INFO.properties")
   # setsid: a Ctrl-C in the terminal reaches our scripts, which stop the broker in order.
   setsid java "${opts[@]}" kafka.Kafka "$dir/server.properties" >>"$dir/kafka.log" 2>&1 </dev/null &
   echo $! >"$dir/kafka.pid"
@@ -192,7 +199,9 @@ case "${1:-}" in
   stop) shift; stop "$@" ;;
   status) dir=${2:-$root/.data/kafka}; if pid=$(pid_of "$dir"); then echo "running (pid $pid)"; else echo "stopped"; exit 3; fi ;;
   run) shift; dir=${1:-$root/.data/kafka}; port=${2:-${KAFKA_PORT:-9092}}; fetch; mkdir -p "$dir"; dir=$(cd "$dir" && pwd)
-       write_config "$dir" "$port"; format_storage "$dir"; java_run kafka.Kafka "$dir/server.properties" ;;
-  class) shift; fetch; java_run "$@" ;;
+       write_config "$dir" "$port"; format_storage "$dir"
+       mapfile -t opts < <(java_args "$cache/log4j2-INFO.properties")
+       exec java "${opts[@]}" kafka.Kafka "$dir/server.properties" ;;
+  class) shift; fetch; write_log_configs; java_run "$@" ;;
   *) sed -n '2,13p' "$0"; exit 2 ;;
 esac
