@@ -94,6 +94,7 @@ class Publisher:
         self._supervisor: asyncio.Task[None] | None = None
         self._timeouts_in_a_row = 0
         self._reported_missing: tuple[str, ...] = ()
+        self._failure_log: dict[str, tuple[float, int]] = {}  # reason → (last logged, suppressed)
 
     @property
     def ready(self) -> bool:
@@ -127,9 +128,7 @@ class Publisher:
         except MessageSizeTooLargeError:
             self._fail(topic, "message_too_large")
         except KafkaError as exc:
-            log_event(
-                log, "publish_failed", logging.WARNING, topic=topic, error_type=type(exc).__name__
-            )
+            log_event(log, "publish_error", logging.WARNING, error_type=type(exc).__name__)
             self._fail(topic, "kafka_error")
         self._timeouts_in_a_row = 0
         self._metrics.publish_duration.labels(topic).observe(time.perf_counter() - started)
@@ -148,6 +147,22 @@ class Publisher:
 
     def _fail(self, topic: str, reason: str) -> NoReturn:
         self._metrics.publish_failures.labels(topic, reason).inc()
+        # One line per reason and second at most: an outage at 1,000 requests/s must not turn
+        # into 1,000 log lines/s; the metric has the exact count.
+        now = time.monotonic()
+        last, suppressed = self._failure_log.get(reason, (0.0, 0))
+        if now - last >= 1.0:
+            log_event(
+                log,
+                "publish_failed",
+                logging.WARNING,
+                topic=topic,
+                reason=reason,
+                similar_failures_not_logged=suppressed,
+            )
+            self._failure_log[reason] = (now, 0)
+        else:
+            self._failure_log[reason] = (last, suppressed + 1)
         raise PublishFailed(reason)
 
     def _replace(self, producer: AIOKafkaProducer, reason: str) -> None:

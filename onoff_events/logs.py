@@ -40,8 +40,17 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiokafka logs every reconnect attempt at ERROR with addresses only; keep them, they help.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep library loggers at INFO or above, whatever LOG_LEVEL says.
+
+    aiokafka's DEBUG lines quote whole records ("Sending (key=… value=…)"): message bodies,
+    numbers and e-mails. Its INFO and above carry addresses and error names only.
+    """
+    for name in ("aiokafka", "kafka", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 from typing import Any
 
@@ -390,3 +391,30 @@ def test_dlq_schema_accepts_only_one_of_payload_or_raw() -> None:
     assert not validator.is_valid(base)
     assert validator.is_valid({**base, "raw_body_base64": "AA=="})
     assert not validator.is_valid({**base, "raw_body_base64": "AA==", "payload": {}})
+
+
+async def test_logs_never_carry_bodies_numbers_emails_ids_or_keys(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every kind of answer is logged, if at all, without personal data or secrets."""
+    from onoff_events.logs import JsonFormatter, quiet_libraries  # noqa: PLC0415
+
+    personal = {
+        "id": "id-7d1e0c2a",
+        "onoffUserEmail": "alice@example.com",
+        "onoffUserNumber": "+33612345678",
+        "externalNumber": "+447700900123",
+        "body": "my secret message",
+    }
+    quiet_libraries()  # what logs.configure() does in the real process
+    caplog.set_level("DEBUG")
+    await post(gateway, orjson.dumps(sms_event(**personal)))
+    await post(gateway, orjson.dumps(sms_event(**personal, smsDirection="+33612345678")))
+    await post(gateway, orjson.dumps(sms_event(**personal))[:-5])
+    await post(gateway, orjson.dumps(sms_event(**personal)), {"X-API-Key": "wrong-key-" + TEST_KEY})
+    lines = [JsonFormatter().format(record) for record in caplog.records]
+    assert any('"event":"quarantined"' in line for line in lines)
+    text = "\n".join(lines)
+    for value in [*personal.values(), TEST_KEY]:
+        assert value not in text
+    logging.getLogger("aiokafka").setLevel(logging.NOTSET)
