@@ -37,6 +37,7 @@ class ValidSmsEvent:
     event_id: str
     date: str
     raw: bytes
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class SmsEventChecker:
             return Quarantined("not_object", (problem,), None, None, raw)
         # The common case costs one compiled validation; errors are described only when present.
         if self._validator.is_valid(document):
-            return ValidSmsEvent(document["id"], document["date"], raw)
+            return ValidSmsEvent(document["id"], document["date"], raw, document)
         problems = tuple(self._describe(document))
         id_ok = not any(p.path == "/id" for p in problems)
         event_id = document.get("id") if id_ok and isinstance(document.get("id"), str) else None

@@ -1,4 +1,5 @@
-"""``python -m onoff_events.topics``: create the project's topics on a development broker.
+"""``python -m onoff_events.topics [SINK…]``: create the project's topics on a development
+broker: the events topic, the gateway's DLQ and one DLQ per sink named.
 
 Production topics belong to Strimzi (deploy/k8s); this is for ``make run`` and local brokers.
 """
@@ -23,6 +24,7 @@ def main() -> int:
         print(f"onoff-topics: invalid setting: {exc}", file=sys.stderr)
         return 2
     wanted = {topic: partitions, s.text(env, "KAFKA_DLQ_TOPIC", f"{topic}.dlq"): 1}
+    wanted.update({f"{topic}.{sink}.dlq": 1 for sink in sys.argv[1:]})
     created = asyncio.run(ensure_topics(kafka, wanted))
     for name in wanted:
         print(f"onoff-topics: {name}: {'created' if name in created else 'exists'}")

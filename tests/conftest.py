@@ -23,7 +23,13 @@ from gateway.app import PUBLISHER, build_app
 from gateway.publisher import ProducerOptions
 from gateway.settings import GatewaySettings
 from onoff_events.kafka import KafkaSettings, ensure_topics
-from tests.services import LocalKafka, docker_engine_answers, free_port_pair
+from tests.services import (
+    LocalKafka,
+    ScriptService,
+    docker_engine_answers,
+    free_port,
+    free_port_pair,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY = "test-key-0123456789abcdef"
@@ -127,3 +133,52 @@ async def wait_until(condition: object, seconds: float, what: str) -> None:
         if loop.time() > deadline:
             pytest.fail(f"timed out after {seconds} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL: ``POSTGRES_URL``, else testcontainers, else scripts/postgres.sh."""
+    configured = os.environ.get("POSTGRES_URL")
+    if configured:
+        yield configured
+        return
+    if docker_engine_answers():
+        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    service = ScriptService("postgres.sh", tmp_path_factory.mktemp("postgres"), free_port())
+    service.start()
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: ``REDIS_URL``, else testcontainers, else scripts/redis.sh."""
+    configured = os.environ.get("REDIS_URL")
+    if configured:
+        yield configured
+        return
+    if docker_engine_answers():
+        from testcontainers.redis import RedisContainer  # noqa: PLC0415
+
+        with RedisContainer() as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        return
+    service = ScriptService("redis.sh", tmp_path_factory.mktemp("redis"), free_port())
+    service.start()
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def pg_schema() -> str:
+    """A fresh PostgreSQL schema name for one test's warehouse table."""
+    return f"t_{uuid.uuid4().hex[:12]}"

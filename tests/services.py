@@ -71,3 +71,38 @@ class LocalKafka:
 
     def stop(self) -> None:
         subprocess.run([str(KAFKA_SCRIPT), "stop", str(self.folder)], check=True, timeout=60)
+
+
+@dataclass
+class ScriptService:
+    """A real PostgreSQL or Redis run by scripts/postgres.sh or scripts/redis.sh."""
+
+    script: str
+    folder: Path
+    port: int
+
+    def _run(self, *args: str) -> str:
+        done = subprocess.run(
+            [str(ROOT / "scripts" / self.script), *args],
+            check=True,
+            timeout=300,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout.strip()
+
+    def start(self) -> None:
+        self._run("start", str(self.folder), str(self.port))
+
+    def stop(self) -> None:
+        self._run("stop", str(self.folder))
+
+    @property
+    def url(self) -> str:
+        return self._run("url", str(self.folder), str(self.port))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

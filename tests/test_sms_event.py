@@ -19,7 +19,9 @@ CHECKER = SmsEventChecker()
 
 def test_onoff_sample_is_valid_and_kept_byte_for_byte() -> None:
     verdict = CHECKER.check(ONOFF_SAMPLE)
-    assert verdict == ValidSmsEvent("12345", "2023-05-20T14:30:00Z", ONOFF_SAMPLE)
+    assert verdict == ValidSmsEvent(
+        "12345", "2023-05-20T14:30:00Z", ONOFF_SAMPLE, orjson.loads(ONOFF_SAMPLE)
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,238 @@
+"""Dedupe stores: which event ids a sink already has.
+
+The protocol per batch: ``claim`` the ids (one round trip; answers which are already done),
+deliver the rest, ``confirm`` what was delivered, ``release`` the claims of a batch that is
+abandoned. A claim records who is delivering; a *done* mark is kept for ``ttl_seconds``
+(default 7 days, well past Onoff's retry window and any replay a team would run).
+
+A claim held by another consumer does not block: the same id always maps to the same
+partition, and a partition has one owner in a consumer group, so another owner's claim is
+a leftover from a consumer that crashed or lost the partition. Taking it over (rather than
+waiting for it to expire) is safe because sinks are idempotent themselves (the warehouse's
+primary key; the CRM's lookup by Onoff id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+T = TypeVar("T")
+DEFAULT_TTL_SECONDS = 7 * 24 * 3600
+CLAIM_TTL_SECONDS = 15 * 60
+
+
+class DedupeUnavailable(Exception):
+    """The store cannot answer now: the runner pauses the batch and retries."""
+
+
+class DedupeStore(Protocol):
+    async def claim(self, ids: Sequence[str]) -> set[str]:
+        """Claim ``ids`` for delivery; return those already done (duplicates)."""
+        ...
+
+    async def confirm(self, ids: Sequence[str]) -> None:
+        """Mark ``ids`` done for the TTL."""
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Drop our claims on ``ids`` (not done marks)."""
+
+    async def ping(self) -> None:
+        """Raise DedupeUnavailable when the store does not answer."""
+
+    async def close(self) -> None: ...
+
+
+# KEYS: the ids' keys. ARGV[1]: this consumer's claim value, ARGV[2]: claim TTL in seconds.
+# Returns, per key, 1 when it was already done (a duplicate), else 0 (now claimed by us).
+_CLAIM = """
+local done = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == 'done' then
+    done[i] = 1
+  else
+    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+    done[i] = 0
+  end
+end
+return done
+"""
+# Release only our own claims; a done mark or another consumer's claim stays.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+"""
+
+
+class RedisDedupe:
+    """The production store: one round trip per batch for each step (a Lua script or a
+    pipeline). The keys of one batch go to one server, so use a single Redis (with a replica
+    or Sentinel), not Redis Cluster."""
+
+    def __init__(self, url: str, namespace: str, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+        self._client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        self._prefix = f"onoff:dedupe:{namespace}:"
+        self._ttl = ttl_seconds
+        self._owner = f"claim:{uuid.uuid4().hex}"
+        self._claim = self._client.register_script(_CLAIM)
+        self._release = self._client.register_script(_RELEASE)
+
+    async def claim(self, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        keys = [self._prefix + i for i in ids]
+        try:
+            flags = await self._claim(keys=keys, args=[self._owner, CLAIM_TTL_SECONDS])
+        except (RedisError, OSError) as exc:
+            raise DedupeUnavailable(f"redis: {type(exc).__name__}") from exc
+        return {i for i, flag in zip(ids, flags, strict=True) if int(flag) == 1}
+
+    async def confirm(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.set(self._prefix + i, "done", ex=self._ttl)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise DedupeUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def release(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        try:
+            await self._release(keys=[self._prefix + i for i in ids], args=[self._owner])
+        except (RedisError, OSError) as exc:
+            raise DedupeUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise DedupeUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class SqliteDedupe:
+    """The embedded single-node default: a SQLite file, so ``make run`` needs no Redis.
+
+    One connection used from one worker thread at a time; each step is one transaction.
+    """
+
+    def __init__(self, path: Path, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS dedupe ("
+            " id TEXT PRIMARY KEY, state TEXT NOT NULL, expires_at REAL NOT NULL)"
+        )
+        self._ttl = ttl_seconds
+        self._owner = f"claim:{uuid.uuid4().hex}"
+        self._lock = asyncio.Lock()
+        self._last_purge = 0.0
+
+    async def claim(self, ids: Sequence[str]) -> set[str]:
+        return await self._run(self._claim_sync, list(ids))
+
+    async def confirm(self, ids: Sequence[str]) -> None:
+        await self._run(self._mark_sync, list(ids))
+
+    async def release(self, ids: Sequence[str]) -> None:
+        await self._run(self._release_sync, list(ids))
+
+    async def ping(self) -> None:
+        await self._run(self._db.execute, "SELECT 1")
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._db.close()
+
+    async def _run(self, work: Callable[..., T], *args: object) -> T:
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(work, *args)
+            except sqlite3.Error as exc:
+                raise DedupeUnavailable(f"sqlite: {type(exc).__name__}") from exc
+
+    def _claim_sync(self, ids: list[str]) -> set[str]:
+        now = time.time()
+        with self._transaction():
+            done = {
+                row[0]
+                for chunk in _chunks(ids)
+                for row in self._db.execute(
+                    f"SELECT id FROM dedupe WHERE state = 'done' AND expires_at > ? "  # noqa: S608 # placeholders only
+                    f"AND id IN ({','.join('?' * len(chunk))})",
+                    (now, *chunk),
+                )
+            }
+            self._db.executemany(
+                "INSERT INTO dedupe (id, state, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "expires_at = excluded.expires_at",
+                [(i, self._owner, now + CLAIM_TTL_SECONDS) for i in ids if i not in done],
+            )
+        return done
+
+    def _mark_sync(self, ids: list[str]) -> None:
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO dedupe (id, state, expires_at) VALUES (?, 'done', ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = 'done', expires_at = excluded.expires_at",
+                [(i, now + self._ttl) for i in ids],
+            )
+            if now - self._last_purge > 600:
+                self._db.execute("DELETE FROM dedupe WHERE expires_at < ?", (now,))
+                self._last_purge = now
+
+    def _release_sync(self, ids: list[str]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "DELETE FROM dedupe WHERE id = ? AND state = ?", [(i, self._owner) for i in ids]
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def dedupe_from_url(url: str, namespace: str, ttl_seconds: int) -> DedupeStore:
+    """``redis://host:port/db`` (or ``rediss://``) or ``sqlite:///path/to/file``."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("redis", "rediss"):
+        return RedisDedupe(url, namespace, ttl_seconds)
+    if scheme == "sqlite":
+        # sqlite:///relative/path or sqlite:////absolute/path, as SQLAlchemy spells them.
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ValueError("a sqlite dedupe store needs a file: sqlite:///path/to/file")
+        return SqliteDedupe(Path(path), ttl_seconds)
+    raise ValueError(f"unsupported dedupe store {scheme!r}: use redis:// or sqlite:///")

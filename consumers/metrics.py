@@ -1,0 +1,123 @@
+"""The consumer services' Prometheus metrics, on an injected registry; every series carries
+the sink's name, so one dashboard serves all sinks. No ids, numbers or bodies in labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   300.0)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerMetrics:
+    consumed: Counter
+    delivered: Counter
+    duplicates: Counter
+    retries: Counter
+    dlq: Counter
+    batch_size: Histogram
+    delivery_duration: Histogram
+    end_to_end_latency: Histogram
+    lag: Gauge
+    restarts: Counter
+    abandoned_batches: Counter
+    dedupe_errors: Counter
+    ready: Gauge
+    commits: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> ConsumerMetrics:
+        p = "onoff_consumer_"
+        return cls(
+            consumed=Counter(
+                p + "events_consumed",
+                "Records read from the events topic.",
+                ["sink"],
+                registry=registry,
+            ),
+            delivered=Counter(
+                p + "events_delivered",
+                "Events the sink acknowledged (first delivery of an id).",
+                ["sink"],
+                registry=registry,
+            ),
+            duplicates=Counter(
+                p + "duplicates_dropped",
+                "Records dropped because their id was already delivered "
+                "(by the dedupe store, or earlier in the same batch).",
+                ["sink"],
+                registry=registry,
+            ),
+            retries=Counter(
+                p + "retries",
+                "Retries after a transient failure, by stage "
+                "(sink_start, dedupe, deliver, dlq, commit).",
+                ["sink", "stage"],
+                registry=registry,
+            ),
+            dlq=Counter(
+                p + "dlq_events",
+                "Records sent to the sink's DLQ topic, by reason.",
+                ["sink", "reason"],
+                registry=registry,
+            ),
+            batch_size=Histogram(
+                p + "batch_size_records",
+                "Records per batch read from Kafka.",
+                ["sink"],
+                buckets=BATCH_BUCKETS,
+                registry=registry,
+            ),
+            delivery_duration=Histogram(
+                p + "delivery_duration_seconds",
+                "Time to deliver one batch to the sink, retries included.",
+                ["sink"],
+                buckets=SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            end_to_end_latency=Histogram(
+                p + "end_to_end_latency_seconds",
+                "From the gateway's receive time to the sink's ack.",
+                ["sink"],
+                buckets=SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            lag=Gauge(
+                p + "lag_records",
+                "Records on the partition after the last committed offset.",
+                ["sink", "partition"],
+                registry=registry,
+            ),
+            restarts=Counter(
+                p + "kafka_consumer_restarts",
+                "Kafka consumers recreated in-process, by reason.",
+                ["sink", "reason"],
+                registry=registry,
+            ),
+            abandoned_batches=Counter(
+                p + "abandoned_batches",
+                "Batches given up without a commit (shutdown, rebalance); "
+                "their records are read again.",
+                ["sink", "reason"],
+                registry=registry,
+            ),
+            dedupe_errors=Counter(
+                p + "dedupe_errors",
+                "Failed calls to the dedupe store.",
+                ["sink"],
+                registry=registry,
+            ),
+            ready=Gauge(
+                p + "ready",
+                "1 when the service consumes and its sink answers.",
+                ["sink"],
+                registry=registry,
+            ),
+            commits=Counter(
+                p + "commits", "Offset commits, by outcome.", ["sink", "outcome"], registry=registry
+            ),
+        )

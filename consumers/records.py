@@ -1,0 +1,109 @@
+"""Kafka records of ``sms-events`` decoded for sinks, as pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from onoff_events.cloudevents import RECEIVED_TIME
+from onoff_events.sms_event import Quarantined, SmsEventChecker
+
+
+@dataclass(frozen=True, slots=True)
+class SmsRecord:
+    """One SMS event as read from Kafka, with where it came from."""
+
+    event_id: str
+    payload: dict[str, Any]
+    raw: bytes
+    sent_at: datetime
+    received_at: datetime | None
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoisonRecord:
+    """A record no sink can use (not a valid SMS event); it goes to the sink's DLQ."""
+
+    reason: str
+    detail: str
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+class RecordDecoder:
+    """Checks each value against the same schema file as the gateway: the topic may have
+    other writers (a replay tool, a test), and a sink must never see a malformed event."""
+
+    def __init__(self) -> None:
+        self._checker = SmsEventChecker()
+
+    def decode(self, record: Any) -> SmsRecord | PoisonRecord:
+        value: bytes | None = record.value
+        if value is None:
+            return _poison(record, "invalid_event", "the record has no value (a tombstone)")
+        verdict = self._checker.check(value)
+        if isinstance(verdict, Quarantined):
+            problems = ", ".join(f"{p.path or '/'} {p.keyword}" for p in verdict.problems)
+            return _poison(record, "invalid_event", f"{verdict.reason}: {problems}")
+        payload = verdict.payload
+        try:
+            sent_at = datetime.fromisoformat(verdict.date)
+        except ValueError:
+            return _poison(record, "invalid_event", "/date is not an ISO 8601 time Python reads")
+        return SmsRecord(
+            event_id=verdict.event_id,
+            payload=payload,
+            raw=value,
+            sent_at=sent_at,
+            received_at=_received_at(record.headers),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+
+
+def first_of_each_id(records: Iterable[SmsRecord]) -> tuple[list[SmsRecord], list[SmsRecord]]:
+    """Split a batch into the first record of each id and the later copies (duplicates)."""
+    seen: set[str] = set()
+    unique: list[SmsRecord] = []
+    copies: list[SmsRecord] = []
+    for record in records:
+        if record.event_id in seen:
+            copies.append(record)
+        else:
+            seen.add(record.event_id)
+            unique.append(record)
+    return unique, copies
+
+
+def next_offsets(records: Sequence[Any]) -> dict[tuple[str, int], int]:
+    """The offset to commit per (topic, partition): one past the last record seen."""
+    offsets: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        offsets[key] = max(offsets.get(key, 0), record.offset + 1)
+    return offsets
+
+
+def _poison(record: Any, reason: str, detail: str) -> PoisonRecord:
+    return PoisonRecord(
+        reason, detail, record.key, record.value, record.topic, record.partition, record.offset
+    )
+
+
+def _received_at(headers: Sequence[tuple[str, bytes]] | None) -> datetime | None:
+    for name, value in headers or ():
+        if name == RECEIVED_TIME:
+            try:
+                return datetime.fromisoformat(value.decode())
+            except (UnicodeDecodeError, ValueError):
+                return None
+    return None

@@ -1,0 +1,468 @@
+"""The batch loop every sink shares: read → dedupe → deliver → DLQ → confirm → commit.
+
+Offsets are committed only after the sink acknowledged the whole batch, so a crash at any
+point re-reads what was not committed; the dedupe store and the sink's own idempotency make
+that re-read deliver nothing twice. Transient failures are retried with backoff on the same
+batch (never skipping, never re-reading it from Kafka); permanent rejections go to the sink's
+DLQ topic and the partition moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import TopicPartition
+
+from consumers.dedupe import DedupeStore, DedupeUnavailable
+from consumers.metrics import ConsumerMetrics
+from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
+from consumers.settings import ConsumerSettings
+from consumers.sinks import Sink, TransientSinkError
+from onoff_events.cloudevents import rfc3339_now
+from onoff_events.logs import log_event
+
+log = logging.getLogger("consumers.runner")
+T = TypeVar("T")
+TRANSIENT = (TransientSinkError, DedupeUnavailable, KafkaError, OSError, TimeoutError)
+
+
+class BatchAbandoned(Exception):
+    """The batch is given up without a commit (shutdown or partitions revoked)."""
+
+
+class Runner:
+    """One sink's consumer service: owns the Kafka consumer, the DLQ producer and the sink."""
+
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        sink: Sink,
+        dedupe: DedupeStore,
+        metrics: ConsumerMetrics,
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._dedupe = dedupe
+        self._m = metrics
+        self._name = settings.sink
+        self._decoder = RecordDecoder()
+        self._stop = asyncio.Event()
+        self._abandon = asyncio.Event()
+        self._restart = asyncio.Event()
+        self._batch_lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dlq: AIOKafkaProducer | None = None
+        self._committed: dict[TopicPartition, int] = {}
+        self._last_fetch = time.monotonic()
+        self._lag_since: float | None = None
+        self._retrying = False
+        self._healthy = False
+        self._retry_log: dict[str, float] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self._healthy and self._consumer is not None and not self._restart.is_set()
+
+    def stop(self) -> None:
+        """Ask the loop to end: the batch in progress finishes its current step, then the
+        service leaves the group; a batch still waiting to retry is abandoned uncommitted."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until stop(); every resource opened here is closed here."""
+        watchdog = asyncio.create_task(self._watchdog(), name=f"{self._name}-watchdog")
+        try:
+            await self._until_done(self._sink.start, "sink_start")
+            self._dlq = await self._until_done(self._start_dlq_producer, "dlq")
+            while not self._stop.is_set():
+                self._consumer = await self._until_done(self._start_consumer, "consumer_start")
+                try:
+                    await self._consume(self._consumer)
+                finally:
+                    consumer, self._consumer = self._consumer, None
+                    await _stop_consumer(consumer)
+                if self._restart.is_set() and not self._stop.is_set():
+                    self._restart.clear()
+                    log_event(log, "kafka_consumer_recreated", logging.WARNING, sink=self._name)
+        except BatchAbandoned:
+            pass  # stop() arrived while a start-up step was retrying
+        finally:
+            self._set_healthy(healthy=False)
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            if self._dlq is not None:
+                await self._dlq.stop()
+            await self._sink.close()
+            await self._dedupe.close()
+            log_event(log, "runner_stopped", sink=self._name)
+
+    # --- the batch loop -------------------------------------------------------------------
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
+        self._last_fetch = time.monotonic()
+        while not self._stop.is_set() and not self._restart.is_set():
+            batches = await consumer.getmany(
+                timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_batch
+            )
+            if not batches:
+                self._set_healthy(healthy=True)
+                continue
+            records = [r for tp in sorted(batches) for r in batches[tp]]
+            self._last_fetch = time.monotonic()
+            async with self._batch_lock:
+                try:
+                    await self._handle_batch(consumer, records)
+                except BatchAbandoned:
+                    reason = "shutdown" if self._stop.is_set() else "rebalance"
+                    self._m.abandoned_batches.labels(self._name, reason).inc()
+                    log_event(
+                        log,
+                        "batch_abandoned",
+                        logging.WARNING,
+                        sink=self._name,
+                        reason=reason,
+                        records=len(records),
+                    )
+                    if self._stop.is_set():
+                        return
+                    # Read the batch again: back to the last offsets we committed.
+                    for topic, partition in next_offsets(records):
+                        tp = TopicPartition(topic, partition)
+                        if tp in consumer.assignment() and tp in self._committed:
+                            consumer.seek(tp, self._committed[tp])
+                finally:
+                    self._last_fetch = time.monotonic()
+
+    async def _handle_batch(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
+        self._m.consumed.labels(self._name).inc(len(records))
+        self._m.batch_size.labels(self._name).observe(len(records))
+        decoded = [self._decoder.decode(r) for r in records]
+        poison = [d for d in decoded if isinstance(d, PoisonRecord)]
+        unique, copies = first_of_each_id(d for d in decoded if isinstance(d, SmsRecord))
+        ids = [e.event_id for e in unique]
+
+        done = await self._until_done(lambda: self._dedupe.claim(ids), "dedupe")
+        todo = [e for e in unique if e.event_id not in done]
+        self._m.duplicates.labels(self._name).inc(len(copies) + len(unique) - len(todo))
+
+        started = time.perf_counter()
+        try:
+            rejected = (
+                await self._until_done(lambda: self._sink.deliver(todo), "deliver") if todo else {}
+            )
+        except BatchAbandoned:
+            with contextlib.suppress(*TRANSIENT):
+                await self._dedupe.release([e.event_id for e in todo])
+            raise
+        self._m.delivery_duration.labels(self._name).observe(time.perf_counter() - started)
+        now = datetime.now(UTC)
+        delivered = [e for e in todo if e.event_id not in rejected]
+        self._m.delivered.labels(self._name).inc(len(delivered))
+        for event in delivered:
+            if event.received_at is not None:
+                latency = (now - event.received_at).total_seconds()
+                self._m.end_to_end_latency.labels(self._name).observe(max(latency, 0.0))
+
+        if poison or rejected:
+            dlq_records = [self._poison_record(p) for p in poison] + [
+                self._rejected_record(e, rejected[e.event_id])
+                for e in todo
+                if e.event_id in rejected
+            ]
+            await self._until_done(lambda: self._send_dlq(dlq_records), "dlq")
+        # Rejected events are handled too: a later copy must not be rejected again.
+        await self._until_done(lambda: self._dedupe.confirm([e.event_id for e in todo]), "dedupe")
+        await self._commit(consumer, records)
+        self._set_healthy(healthy=True)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
+        offsets = {TopicPartition(t, p): o for (t, p), o in next_offsets(records).items()}
+        try:
+            await self._until_done(
+                lambda: consumer.commit(offsets),
+                "commit",
+                retry_if=lambda e: not isinstance(e, CommitFailedError),
+            )
+        except CommitFailedError:
+            # The group rebalanced during the batch: the new owner re-reads it and the dedupe
+            # store drops what we delivered. Nothing is lost; nothing is delivered twice.
+            self._m.commits.labels(self._name, "rebalanced").inc()
+            log_event(log, "commit_after_rebalance", logging.WARNING, sink=self._name)
+            return
+        self._committed.update(offsets)
+        self._m.commits.labels(self._name, "ok").inc()
+
+    # --- retries --------------------------------------------------------------------------
+
+    async def _until_done(
+        self,
+        step: Callable[[], Awaitable[T]],
+        stage: str,
+        retry_if: Callable[[BaseException], bool] = lambda _: True,
+    ) -> T:
+        """Run ``step`` until it succeeds; back off between transient failures. While backing
+        off, a stop or a partition revocation abandons the batch (BatchAbandoned)."""
+        attempt = 0
+        while True:
+            try:
+                result = await step()
+            except TRANSIENT as exc:
+                if not retry_if(exc):
+                    raise
+                self._retrying = True
+                self._set_healthy(healthy=False)
+                self._m.retries.labels(self._name, stage).inc()
+                if isinstance(exc, DedupeUnavailable):
+                    self._m.dedupe_errors.labels(self._name).inc()
+                retry_after = exc.retry_after if isinstance(exc, TransientSinkError) else None
+                delay = self._settings.backoff.delay(attempt, retry_after)
+                self._log_retry(stage, exc, attempt, delay)
+                attempt += 1
+                if await self._interrupted_within(delay):
+                    raise BatchAbandoned from exc
+            else:
+                self._retrying = False
+                return result
+
+    async def _interrupted_within(self, seconds: float) -> bool:
+        stop = asyncio.create_task(self._stop.wait())
+        abandon = asyncio.create_task(self._abandon.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {stop, abandon}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (stop, abandon):
+                task.cancel()
+            await asyncio.gather(stop, abandon, return_exceptions=True)
+        return bool(done)
+
+    def _log_retry(self, stage: str, exc: BaseException, attempt: int, delay: float) -> None:
+        now = time.monotonic()
+        if now - self._retry_log.get(stage, 0.0) >= 5.0:  # one line per stage per 5 s
+            self._retry_log[stage] = now
+            log_event(
+                log,
+                "retrying",
+                logging.WARNING,
+                sink=self._name,
+                stage=stage,
+                error=str(exc)
+                if isinstance(exc, TransientSinkError | DedupeUnavailable)
+                else type(exc).__name__,
+                attempt=attempt,
+                delay_seconds=round(delay, 3),
+            )
+
+    def _set_healthy(self, *, healthy: bool) -> None:
+        self._healthy = healthy
+        self._m.ready.labels(self._name).set(1 if self.ready else 0)
+
+    # --- the DLQ --------------------------------------------------------------------------
+
+    def _rejected_record(self, event: SmsRecord, reason: str) -> tuple[bytes | None, bytes]:
+        return event.event_id.encode(), orjson.dumps(
+            {
+                "dlq_version": 1,
+                "stage": self._name,
+                "reason": "rejected_by_sink",
+                "detail": reason,
+                "event_id": event.event_id,
+                "rejected_at": rfc3339_now(),
+                "source": {
+                    "topic": event.topic,
+                    "partition": event.partition,
+                    "offset": event.offset,
+                },
+                "payload": event.payload,
+            }
+        )
+
+    def _poison_record(self, poison: PoisonRecord) -> tuple[bytes | None, bytes]:
+        return poison.key, orjson.dumps(
+            {
+                "dlq_version": 1,
+                "stage": self._name,
+                "reason": poison.reason,
+                "detail": poison.detail,
+                "event_id": None,
+                "rejected_at": rfc3339_now(),
+                "source": {
+                    "topic": poison.topic,
+                    "partition": poison.partition,
+                    "offset": poison.offset,
+                },
+                "raw_value_base64": base64.b64encode(poison.value or b"").decode(),
+            }
+        )
+
+    async def _send_dlq(self, dlq_records: list[tuple[bytes | None, bytes]]) -> None:
+        assert self._dlq is not None  # noqa: S101 # started before the loop
+        deliveries = [
+            await self._dlq.send(
+                self._settings.dlq_topic,
+                value,
+                key=key,
+                headers=[("content-type", b"application/json")],
+            )
+            for key, value in dlq_records
+        ]
+        await asyncio.gather(*deliveries)
+        for _, value in dlq_records:
+            self._m.dlq.labels(self._name, orjson.loads(value)["reason"]).inc()
+        log_event(
+            log,
+            "dead_lettered",
+            logging.WARNING,
+            sink=self._name,
+            records=len(dlq_records),
+            topic=self._settings.dlq_topic,
+        )
+
+    # --- Kafka clients --------------------------------------------------------------------
+
+    async def _start_dlq_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(
+            **self._settings.kafka.client_options(),
+            acks="all",
+            enable_idempotence=True,
+            request_timeout_ms=15_000,
+        )
+        try:
+            await asyncio.wait_for(producer.start(), 15)
+        except BaseException:
+            await producer.stop()
+            raise
+        return producer
+
+    async def _start_consumer(self) -> AIOKafkaConsumer:
+        s = self._settings
+        consumer = AIOKafkaConsumer(
+            **s.kafka.client_options(),
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            # A new group reads the topic from the start: nothing published is skipped.
+            auto_offset_reset="earliest",
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            max_poll_records=s.max_batch,
+        )
+        consumer.subscribe([s.topic], listener=_Rebalance(self))
+        try:
+            await asyncio.wait_for(consumer.start(), 15)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._last_fetch = time.monotonic()
+        log_event(log, "kafka_consumer_started", sink=self._name, group_id=s.group_id)
+        return consumer
+
+    # --- the watchdog ---------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Lag per partition; and if the consumer fetches nothing while lag stays, it is
+        stuck (aiokafka has reports of consumers stuck after a broker restart): recreate it."""
+        while True:
+            await asyncio.sleep(self._settings.watchdog_interval_seconds)
+            consumer = self._consumer
+            if consumer is None:
+                continue
+            assigned = list(consumer.assignment())
+            if not assigned:
+                continue
+            try:
+                ends = await asyncio.wait_for(consumer.end_offsets(assigned), 10)
+            except (KafkaError, TimeoutError):
+                continue  # the cluster is away: not the consumer's fault, nothing to fix
+            total = 0
+            for tp, end in ends.items():
+                done = self._committed.get(tp)
+                if done is None:
+                    done = await _committed(consumer, tp)
+                lag = max(end - done, 0) if done is not None else end
+                total += lag
+                self._m.lag.labels(self._name, str(tp.partition)).set(lag)
+            now = time.monotonic()
+            if total == 0:
+                self._lag_since = None
+                continue
+            if self._lag_since is None:
+                self._lag_since = now
+            # Stuck: records wait, and none arrived since they started waiting (or since the
+            # last batch). A batch held up by sink retries is not the consumer's fault.
+            idle = now - max(self._lag_since, self._last_fetch)
+            if not self._retrying and idle > self._settings.stall_seconds:
+                log_event(
+                    log,
+                    "kafka_consumer_stalled",
+                    logging.ERROR,
+                    sink=self._name,
+                    lag=total,
+                    idle_seconds=round(idle, 1),
+                )
+                self._m.restarts.labels(self._name, "stalled").inc()
+                self._restart.set()
+                self._lag_since = None
+                self._set_healthy(healthy=False)
+
+    def _forget(self, partitions: Sequence[TopicPartition]) -> None:
+        for tp in partitions:
+            self._committed.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                self._m.lag.remove(self._name, str(tp.partition))
+
+    async def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # A batch waiting to retry gives up (the new owner will deliver it); a batch in a
+        # healthy step finishes and commits. Either way, wait for it before letting go.
+        self._abandon.set()
+        async with self._batch_lock:
+            self._abandon.clear()
+        self._forget(revoked)
+
+    async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self._last_fetch = time.monotonic()
+        log_event(
+            log,
+            "partitions_assigned",
+            sink=self._name,
+            partitions=sorted(tp.partition for tp in assigned),
+        )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc] # aiokafka is untyped
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self._runner.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self._runner.on_assigned(assigned)
+
+
+async def _committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    try:
+        offset = await asyncio.wait_for(consumer.committed(tp), 5)
+    except (KafkaError, TimeoutError):
+        return None
+    return int(offset) if offset is not None else None
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer | None) -> None:
+    """Leave the group (no commit: enable_auto_commit is off)."""
+    if consumer is None:
+        return
+    try:
+        await asyncio.wait_for(consumer.stop(), 15)
+    except (KafkaError, TimeoutError) as exc:
+        log_event(log, "kafka_consumer_stop_failed", logging.WARNING, error_type=type(exc).__name__)

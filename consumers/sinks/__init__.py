@@ -1,0 +1,61 @@
+"""Sinks: where the consumer services deliver SMS events.
+
+A sink is small: start, deliver a batch (say which events it can never accept), close. Adding
+one means one module here and one line in ``SINKS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from consumers.records import SmsRecord
+
+
+class TransientSinkError(Exception):
+    """The sink cannot take the batch now (down, timeout, 5xx, 429); retry the same batch.
+
+    ``retry_after`` is the sink's own hint in seconds (HTTP ``Retry-After``), when it gave one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SinkConfigError(Exception):
+    """The sink's settings are wrong: the service must not start."""
+
+
+class Sink(Protocol):
+    """What the runner needs of a sink."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect and prepare (create tables…); may raise TransientSinkError to be retried."""
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+        """Deliver every event, idempotently by ``event_id``.
+
+        Return ``{event_id: reason}`` for events the sink can never accept (they go to the
+        sink's DLQ); raise TransientSinkError when the whole batch should be retried.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+SinkFactory = Callable[[Mapping[str, str]], Sink]
+
+
+def _warehouse(env: Mapping[str, str]) -> Sink:
+    from consumers.sinks.warehouse import warehouse_from_env  # noqa: PLC0415 # lazy: drivers
+
+    return warehouse_from_env(env)
+
+
+SINKS: dict[str, SinkFactory] = {
+    "warehouse": _warehouse,
+}

@@ -1,0 +1,315 @@
+"""The warehouse sink: one row per unique event id, in PostgreSQL or embedded DuckDB.
+
+``WAREHOUSE_URL`` picks the engine: ``postgresql://…`` (production, through asyncpg) or
+``duckdb:///path/to/file.duckdb`` (the single-node default). The table is created and
+migrated at start, idempotently; inserts are batched and ``ON CONFLICT (id) DO NOTHING``, so
+the primary key makes delivery idempotent even when a consumer dies between delivering and
+confirming in the dedupe store. The table is documented in docs/warehouse.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from consumers.records import SmsRecord
+from consumers.sinks import SinkConfigError, TransientSinkError
+from onoff_events import settings as s
+
+COLUMNS = (
+    "id", "event_name", "direction", "sent_at", "user_name", "user_email", "user_number",
+    "external_number", "external_name", "external_email", "body", "payload",
+    "kafka_topic", "kafka_partition", "kafka_offset", "received_at",
+)  # fmt: skip
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+# Each migration runs once, in order, under a lock: replicas may start together.
+POSTGRES_MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.sms_events (
+        id              text        PRIMARY KEY,
+        event_name      text        NOT NULL,
+        direction       text        NOT NULL CHECK (direction IN ('SENT', 'RECEIVED')),
+        sent_at         timestamptz NOT NULL,
+        user_name       text,
+        user_email      text,
+        user_number     text,
+        external_number text,
+        external_name   text,
+        external_email  text,
+        body            text,
+        payload         jsonb       NOT NULL,
+        kafka_topic     text        NOT NULL,
+        kafka_partition integer     NOT NULL,
+        kafka_offset    bigint      NOT NULL,
+        received_at     timestamptz,
+        inserted_at     timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX IF NOT EXISTS sms_events_sent_at_idx ON {schema}.sms_events (sent_at);
+    CREATE INDEX IF NOT EXISTS sms_events_user_number_idx
+        ON {schema}.sms_events (user_number, sent_at);
+    CREATE INDEX IF NOT EXISTS sms_events_external_number_idx
+        ON {schema}.sms_events (external_number, sent_at);
+    """,
+)
+
+DUCKDB_MIGRATIONS = (
+    """
+    CREATE TABLE IF NOT EXISTS sms_events (
+        id              VARCHAR     PRIMARY KEY,
+        event_name      VARCHAR     NOT NULL,
+        direction       VARCHAR     NOT NULL CHECK (direction IN ('SENT', 'RECEIVED')),
+        sent_at         TIMESTAMPTZ NOT NULL,
+        user_name       VARCHAR,
+        user_email      VARCHAR,
+        user_number     VARCHAR,
+        external_number VARCHAR,
+        external_name   VARCHAR,
+        external_email  VARCHAR,
+        body            VARCHAR,
+        payload         JSON        NOT NULL,
+        kafka_topic     VARCHAR     NOT NULL,
+        kafka_partition INTEGER     NOT NULL,
+        kafka_offset    BIGINT      NOT NULL,
+        received_at     TIMESTAMPTZ,
+        inserted_at     TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+    );
+    CREATE INDEX IF NOT EXISTS sms_events_sent_at_idx ON sms_events (sent_at);
+    CREATE INDEX IF NOT EXISTS sms_events_user_number_idx ON sms_events (user_number);
+    CREATE INDEX IF NOT EXISTS sms_events_external_number_idx ON sms_events (external_number);
+    """,
+)
+
+
+def warehouse_row(event: SmsRecord) -> tuple[Any, ...]:
+    """The table row of one event, in COLUMNS order (pure)."""
+    p = event.payload
+    return (
+        event.event_id,
+        p["eventName"],
+        p["smsDirection"],
+        event.sent_at,
+        p.get("onoffUserName"),
+        p.get("onoffUserEmail"),
+        p.get("onoffUserNumber"),
+        p.get("externalNumber"),
+        p.get("externalName"),
+        p.get("externalEmail"),
+        p.get("body"),
+        event.raw.decode(),
+        event.topic,
+        event.partition,
+        event.offset,
+        event.received_at,
+    )
+
+
+def _permanent(exc: BaseException) -> bool:
+    """Errors about the row itself (SQLSTATE classes 22 data, 23 integrity): retrying the
+    same row can never work. Everything else (connection, shutdown, timeouts, resources)
+    is transient and retried."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in ("22", "23")
+
+
+class PostgresWarehouse:
+    name = "warehouse"
+
+    def __init__(self, url: str, schema: str = "public", pool_size: int = 4) -> None:
+        if not _IDENT.match(schema):
+            raise SinkConfigError(f"WAREHOUSE_SCHEMA: not a plain identifier: {schema!r}")
+        self._url = url
+        self._schema = schema
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        cols = ", ".join(COLUMNS)
+        types = ("text", "text", "text", "timestamptz", "text", "text", "text", "text", "text",
+                 "text", "text", "text", "text", "int", "bigint", "timestamptz")  # fmt: skip
+        params = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+        select = ", ".join("payload::jsonb" if c == "payload" else c for c in COLUMNS)
+        # One statement per batch: arrays unnest into rows server-side.
+        self._insert_many = (
+            f"INSERT INTO {schema}.sms_events ({cols}) SELECT {select} "  # noqa: S608 # identifiers checked above
+            f"FROM unnest({params}) AS t({cols}) ON CONFLICT (id) DO NOTHING"
+        )
+        one = ", ".join(
+            f"${i}::text::jsonb" if c == "payload" else f"${i}::{t}"
+            for i, (c, t) in enumerate(zip(COLUMNS, types, strict=True), 1)
+        )
+        self._insert_one = (
+            f"INSERT INTO {schema}.sms_events ({cols}) VALUES ({one}) "  # noqa: S608
+            "ON CONFLICT (id) DO NOTHING"
+        )
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=30,
+                timeout=10,
+            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('onoff_warehouse'))")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema}")
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._schema}.warehouse_migrations "
+                    "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                applied = {
+                    r["version"]
+                    for r in await conn.fetch(
+                        f"SELECT version FROM {self._schema}.warehouse_migrations"  # noqa: S608
+                    )
+                }
+                for version, sql in enumerate(POSTGRES_MIGRATIONS, 1):
+                    if version not in applied:
+                        await conn.execute(sql.format(schema=self._schema))
+                        await conn.execute(
+                            f"INSERT INTO {self._schema}.warehouse_migrations (version) "  # noqa: S608
+                            "VALUES ($1)",
+                            version,
+                        )
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            await self.close()
+            raise TransientSinkError(f"postgres start: {type(exc).__name__}") from exc
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+        assert self._pool is not None, "start() first"  # noqa: S101 # programming error
+        rows = [warehouse_row(e) for e in events]
+        try:
+            await self._pool.execute(self._insert_many, *zip(*rows, strict=True))
+        except Exception as exc:
+            if not _permanent(exc):
+                raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
+        else:
+            return {}
+        # One row spoils the batch statement: find it (and any other) row by row.
+        rejected: dict[str, str] = {}
+        for row in rows:
+            try:
+                await self._pool.execute(self._insert_one, *row)
+            except Exception as exc:
+                if not _permanent(exc):
+                    raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
+                rejected[row[0]] = f"postgres {exc.sqlstate}: {type(exc).__name__}"  # type: ignore[attr-defined]
+        return rejected
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
+class DuckDbWarehouse:
+    """Embedded: one file, one writer process. DuckDB calls block, so they run in a thread."""
+
+    name = "warehouse"
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: Any = None
+        self._lock = asyncio.Lock()
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        self._insert = (
+            f"INSERT INTO sms_events ({', '.join(COLUMNS)}) VALUES ({placeholders}) "  # noqa: S608
+            "ON CONFLICT (id) DO NOTHING"
+        )
+
+    async def start(self) -> None:
+        import duckdb  # noqa: PLC0415 # only the embedded warehouse needs it
+
+        def open_and_migrate() -> Any:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = duckdb.connect(str(self._path))
+            db.execute("SET TimeZone = 'UTC'")
+            for sql in DUCKDB_MIGRATIONS:
+                db.execute(sql)
+            return db
+
+        try:
+            self._db = await asyncio.to_thread(open_and_migrate)
+        except duckdb.Error as exc:
+            raise TransientSinkError(f"duckdb start: {type(exc).__name__}") from exc
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+        import duckdb  # noqa: PLC0415
+
+        rows = [_duck_row(e) for e in events]
+        async with self._lock:
+            try:
+                await asyncio.to_thread(self._insert_all, rows)
+            except (
+                duckdb.ConversionException,
+                duckdb.ConstraintException,
+                duckdb.InvalidInputException,
+            ):
+                pass  # a bad row: find it below
+            except duckdb.Error as exc:
+                raise TransientSinkError(f"duckdb: {type(exc).__name__}") from exc
+            else:
+                return {}
+            rejected: dict[str, str] = {}
+            for row in rows:
+                try:
+                    await asyncio.to_thread(self._insert_all, [row])
+                except (
+                    duckdb.ConversionException,
+                    duckdb.ConstraintException,
+                    duckdb.InvalidInputException,
+                ) as exc:
+                    rejected[row[0]] = f"duckdb: {type(exc).__name__}"
+                except duckdb.Error as exc:
+                    raise TransientSinkError(f"duckdb: {type(exc).__name__}") from exc
+            return rejected
+
+    def _insert_all(self, rows: list[tuple[Any, ...]]) -> None:
+        self._db.execute("BEGIN TRANSACTION")
+        try:
+            self._db.executemany(self._insert, rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._db is not None:
+                db, self._db = self._db, None
+                await asyncio.to_thread(db.close)
+
+
+def _duck_row(event: SmsRecord) -> tuple[Any, ...]:
+    # DuckDB parses ISO 8601 text into TIMESTAMPTZ itself; handing it aware datetimes would
+    # need pytz at run time.
+    row = list(warehouse_row(event))
+    row[3] = _iso(event.sent_at)
+    row[15] = _iso(event.received_at)
+    return tuple(row)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def warehouse_from_env(env: Mapping[str, str]) -> PostgresWarehouse | DuckDbWarehouse:
+    url = s.text(env, "WAREHOUSE_URL", "duckdb:///.data/warehouse.duckdb")
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresWarehouse(
+            url,
+            schema=s.text(env, "WAREHOUSE_SCHEMA", "public"),
+            pool_size=s.number(env, "WAREHOUSE_POOL_SIZE", 4, int, minimum=1, maximum=100),
+        )
+    if url.startswith("duckdb:///"):
+        path = url[len("duckdb:///") :]
+        if not path:
+            raise SinkConfigError("WAREHOUSE_URL: duckdb:///path/to/file.duckdb needs a path")
+        return DuckDbWarehouse(Path(path))
+    raise SinkConfigError("WAREHOUSE_URL: expected postgresql://… or duckdb:///path/to/file.duckdb")

@@ -1,0 +1,118 @@
+"""The consumers' pure pieces and the dedupe stores (SQLite, and a real Redis)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pytest
+
+from consumers.backoff import Backoff
+from consumers.dedupe import DedupeStore, RedisDedupe, SqliteDedupe, dedupe_from_url
+from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
+from onoff_events.cloudevents import SmsEventHeaders
+from tests.payloads import sms_event
+
+
+def kafka_record(value: bytes | None, partition: int = 0, offset: int = 0, **kw: Any) -> Any:
+    return SimpleNamespace(
+        topic="t",
+        partition=partition,
+        offset=offset,
+        key=kw.get("key"),
+        value=value,
+        headers=kw.get("headers", []),
+    )
+
+
+def test_backoff_grows_exponentially_within_jitter_and_caps() -> None:
+    b = Backoff(initial_seconds=1, max_seconds=10, jitter=0.2)
+    assert [b.delay(n, unit=0.5) for n in range(6)] == [1, 2, 4, 8, 10, 10]
+    assert b.delay(0, unit=0.0) == pytest.approx(0.8)
+    assert b.delay(0, unit=0.999999) == pytest.approx(1.2, rel=1e-3)
+
+
+def test_backoff_never_retries_before_retry_after() -> None:
+    b = Backoff(initial_seconds=1, max_seconds=10)
+    assert b.delay(0, retry_after=7, unit=0.5) == 7
+    assert b.delay(5, retry_after=2, unit=0.5) == 10
+
+
+def test_decoder_reads_event_and_gateway_receive_time() -> None:
+    event = sms_event()
+    headers = SmsEventHeaders("/s").build(
+        event["id"], event["date"], "2024-01-02T03:04:05.678Z", "k"
+    )
+    decoded = RecordDecoder().decode(kafka_record(orjson.dumps(event), 2, 9, headers=headers))
+    assert isinstance(decoded, SmsRecord)
+    assert (decoded.event_id, decoded.partition, decoded.offset) == (event["id"], 2, 9)
+    assert decoded.received_at is not None
+    assert decoded.received_at.isoformat() == "2024-01-02T03:04:05.678000+00:00"
+    assert decoded.sent_at.isoformat() == "2023-05-20T14:30:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, b"not json", b"[1]", orjson.dumps(sms_event(smsDirection="X"))],
+    ids=["tombstone", "not-json", "array", "schema-violation"],
+)
+def test_decoder_turns_unusable_values_into_poison_with_a_reason(value: bytes | None) -> None:
+    decoded = RecordDecoder().decode(kafka_record(value))
+    assert isinstance(decoded, PoisonRecord)
+    assert decoded.reason == "invalid_event"
+    assert "X" not in decoded.detail.replace("SMS", "")  # the reason quotes no value
+
+
+def test_first_of_each_id_keeps_order_and_splits_copies() -> None:
+    def rec(i: str, offset: int) -> SmsRecord:
+        return SmsRecord(i, {}, b"", None, None, "t", 0, offset)  # type: ignore[arg-type]
+
+    unique, copies = first_of_each_id([rec("a", 0), rec("b", 1), rec("a", 2), rec("c", 3)])
+    assert [(r.event_id, r.offset) for r in unique] == [("a", 0), ("b", 1), ("c", 3)]
+    assert [(r.event_id, r.offset) for r in copies] == [("a", 2)]
+
+
+def test_next_offsets_is_one_past_the_last_record_per_partition() -> None:
+    records = [kafka_record(b"", 0, 5), kafka_record(b"", 1, 7), kafka_record(b"", 0, 6)]
+    assert next_offsets(records) == {("t", 0): 7, ("t", 1): 8}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Two consumers' handles on one store (one namespace)."""
+    namespace = f"ns-{tmp_path.name}"
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/dedupe.sqlite3"
+        stores: list[DedupeStore] = [dedupe_from_url(url, namespace, 3600) for _ in range(2)]
+        assert all(isinstance(s, SqliteDedupe) for s in stores)
+    else:
+        url = request.getfixturevalue("redis_url")
+        stores = [dedupe_from_url(url, namespace, 3600) for _ in range(2)]
+        assert all(isinstance(s, RedisDedupe) for s in stores)
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_dedupe_claim_confirm_release_and_takeover(store_pair: list[DedupeStore]) -> None:
+    first, second = store_pair
+    assert await first.claim(["a", "b", "c"]) == set()
+    await first.confirm(["a"])
+    await first.release(["c"])
+    # "a" is done; "b" is claimed by the first consumer, who died: the second takes it over.
+    assert await second.claim(["a", "b", "c", "d"]) == {"a"}
+    await second.confirm(["b", "c", "d"])
+    assert await first.claim(["a", "b", "c", "d", "e"]) == {"a", "b", "c", "d"}
+    # Releasing never undoes a done mark, nor another consumer's claim.
+    await first.release(["a", "e"])
+    assert await second.claim(["a"]) == {"a"}
+    await first.ping()
+
+
+def test_dedupe_urls_are_checked() -> None:
+    with pytest.raises(ValueError, match="redis:// or sqlite:///"):
+        dedupe_from_url("memcached://x", "n", 60)
+    with pytest.raises(ValueError, match="needs a file"):
+        dedupe_from_url("sqlite://", "n", 60)

@@ -1,0 +1,371 @@
+"""The warehouse consumer against real Kafka, PostgreSQL, Redis and DuckDB: each unique id
+becomes one row, through duplicates, crashes, rebalances, outages and poison records."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.conftest import wait_until
+from tests.consumer_harness import (
+    ConsumerProcess,
+    InProcessConsumer,
+    consumer_env,
+    make_topics,
+    pg_rows,
+    publish,
+    wait_for_rows,
+)
+from tests.kafka_reader import read_records
+from tests.payloads import sms_event
+from tests.services import ScriptService, free_port
+
+CONTENT = ("id", "event_name", "direction", "user_name", "user_email", "user_number",
+           "external_number", "external_name", "external_email", "body")  # fmt: skip
+
+
+def duckdb_rows(path: Path) -> list[dict[str, Any]]:
+    db = duckdb.connect(str(path), read_only=True)
+    try:
+        cursor = db.execute(
+            "SELECT *, epoch(sent_at) AS sent_epoch, payload::VARCHAR AS payload_text "
+            "FROM sms_events ORDER BY id"
+        )
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    finally:
+        db.close()
+
+
+async def committed_total(bootstrap: str, group: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+        return sum(meta.offset for meta in offsets.values() if meta.offset >= 0)
+    finally:
+        await admin.close()
+
+
+async def test_same_id_five_times_is_one_row_in_postgres_and_in_duckdb(
+    kafka_bootstrap: str, postgres_url: str, redis_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    """Five copies of an id in a row, five concurrently, five spread over time → one row per
+    id in each warehouse, with the same content; the metrics count what happened."""
+    topic = await make_topics(kafka_bootstrap)
+    pg_env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=postgres_url,
+        WAREHOUSE_SCHEMA=pg_schema,
+        DEDUPE_URL=redis_url,
+    )
+    duck_path = tmp_path / "warehouse.duckdb"
+    duck_env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=f"duckdb:///{duck_path}",
+        DEDUPE_URL=f"sqlite:///{tmp_path}/dedupe.sqlite3",
+    )
+    in_a_row, concurrent, spread = sms_event(), sms_event(), sms_event(body="Ça va? 😀")
+    async with InProcessConsumer(pg_env) as pg, InProcessConsumer(duck_env) as duck:
+        await publish(kafka_bootstrap, topic, [in_a_row] * 5)
+        await asyncio.gather(*(publish(kafka_bootstrap, topic, [concurrent]) for _ in range(5)))
+        for _ in range(5):
+            await publish(kafka_bootstrap, topic, [spread])
+            await asyncio.sleep(0.4)
+        for consumer in (pg, duck):
+            await wait_until(
+                lambda c=consumer: c.metric("onoff_consumer_events_consumed_total") == 15,
+                30,
+                "15 records consumed",
+            )
+            await wait_until(
+                lambda c=consumer: (
+                    c.metric("onoff_consumer_lag_records") == 0
+                    and c.metric("onoff_consumer_commits_total") > 0
+                ),
+                10,
+                "lag 0",
+            )
+            assert consumer.metric("onoff_consumer_events_delivered_total") == 3
+            assert consumer.metric("onoff_consumer_duplicates_dropped_total") == 12
+            assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+
+    postgres = await pg_rows(postgres_url, pg_schema)
+    embedded = duckdb_rows(duck_path)
+    assert [r["id"] for r in postgres] == sorted([in_a_row["id"], concurrent["id"], spread["id"]])
+    assert [r["id"] for r in embedded] == [r["id"] for r in postgres]
+    for pg_row, duck_row in zip(postgres, embedded, strict=True):
+        assert {c: pg_row[c] for c in CONTENT} == {c: duck_row[c] for c in CONTENT}
+        assert pg_row["sent_at"].timestamp() == duck_row["sent_epoch"]
+        assert orjson.loads(pg_row["payload"]) == orjson.loads(duck_row["payload_text"])
+        assert pg_row["received_at"] is not None
+    assert {r["body"] for r in postgres} >= {"Ça va? 😀"}
+
+
+async def test_consumer_killed_mid_batch_then_others_take_over_delivers_each_id_once(
+    kafka_bootstrap: str, postgres_url: str, redis_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    """SIGKILL one consumer process mid-stream, then two others share its partitions: every
+    id is in the warehouse exactly once and none is missing."""
+    topic = await make_topics(kafka_bootstrap, partitions=6)
+    events = [sms_event() for _ in range(2000)]
+    copies = random.Random(7).sample(events, 200)  # noqa: S311 # test data
+    await publish(kafka_bootstrap, topic, events + copies)
+    env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=postgres_url,
+        WAREHOUSE_SCHEMA=pg_schema,
+        DEDUPE_URL=redis_url,
+        CONSUMER_MAX_BATCH="50",
+    )
+    log = tmp_path / "consumers.log"
+    first = ConsumerProcess({**env, "CONSUMER_PORT": str(free_port())}, log)
+    try:
+        await wait_for_rows(postgres_url, pg_schema, 300, seconds=60)
+        first.process.send_signal(signal.SIGKILL)
+        assert first.process.wait(10) == -signal.SIGKILL
+        at_kill = len(await pg_rows(postgres_url, pg_schema))
+        assert at_kill < 2000, "the first consumer finished before it was killed"
+    finally:
+        first.close()
+    others = [ConsumerProcess({**env, "CONSUMER_PORT": str(free_port())}, log) for _ in range(2)]
+    try:
+        rows = await wait_for_rows(postgres_url, pg_schema, 2000, seconds=90)
+        await asyncio.sleep(2)  # anything delivered twice would show up now
+        rows = await pg_rows(postgres_url, pg_schema)
+        assert len(rows) == 2000
+        assert {r["id"] for r in rows} == {e["id"] for e in events}
+        scrapes = [await other.metrics() for other in others]
+        assert all(s["onoff_consumer_ready{sink=warehouse}"] == 1 for s in scrapes)
+    finally:
+        for other in others:
+            other.close()
+
+
+async def test_postgres_down_for_a_while_holds_commits_then_delivers_everything(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """With PostgreSQL stopped the consumer retries (visible in metrics) and commits nothing;
+    once it is back, every event arrives."""
+    database = ScriptService("postgres.sh", tmp_path / "pg", free_port())
+    await asyncio.to_thread(database.start)
+    url = database.url
+    try:
+        topic = await make_topics(kafka_bootstrap)
+        env = consumer_env(
+            kafka_bootstrap,
+            topic,
+            WAREHOUSE_URL=url,
+            DEDUPE_URL=f"sqlite:///{tmp_path}/dedupe.sqlite3",
+        )
+        first, second = [sms_event() for _ in range(20)], [sms_event() for _ in range(20)]
+        async with InProcessConsumer(env) as consumer:
+            await publish(kafka_bootstrap, topic, first)
+            await wait_for_rows(url, "public", 20)
+            group = env["CONSUMER_GROUP"]
+            await wait_until(lambda: consumer.metric("onoff_consumer_lag_records") == 0, 10, "lag")
+            assert await committed_total(kafka_bootstrap, group) == 20
+
+            await asyncio.to_thread(database.stop)
+            await publish(kafka_bootstrap, topic, second)
+            await wait_until(
+                lambda: consumer.metric("onoff_consumer_retries_total", stage="deliver") >= 3,
+                30,
+                "delivery retries",
+            )
+            assert consumer.metric("onoff_consumer_ready") == 0
+            assert await committed_total(kafka_bootstrap, group) == 20
+
+            await asyncio.sleep(2)  # "a while"
+            await asyncio.to_thread(database.start)
+            rows = await wait_for_rows(url, "public", 40, seconds=60)
+            assert {r["id"] for r in rows} == {e["id"] for e in first + second}
+            await wait_until(lambda: consumer.metric("onoff_consumer_ready") == 1, 10, "ready")
+        assert await committed_total(kafka_bootstrap, group) == 40
+    finally:
+        await asyncio.to_thread(database.stop)
+
+
+async def test_redis_down_pauses_the_consumer_without_skipping_or_repeating(
+    kafka_bootstrap: str, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    store = ScriptService("redis.sh", tmp_path / "redis", free_port())
+    await asyncio.to_thread(store.start)
+    try:
+        topic = await make_topics(kafka_bootstrap)
+        env = consumer_env(
+            kafka_bootstrap,
+            topic,
+            WAREHOUSE_URL=postgres_url,
+            WAREHOUSE_SCHEMA=pg_schema,
+            DEDUPE_URL=store.url,
+        )
+        first, second = [sms_event() for _ in range(10)], [sms_event() for _ in range(10)]
+        async with InProcessConsumer(env) as consumer:
+            await publish(kafka_bootstrap, topic, first)
+            await wait_for_rows(postgres_url, pg_schema, 10)
+
+            await asyncio.to_thread(store.stop)
+            await publish(kafka_bootstrap, topic, second + first[:5])
+            await wait_until(
+                lambda: consumer.metric("onoff_consumer_retries_total", stage="dedupe") >= 3,
+                30,
+                "dedupe retries",
+            )
+            assert consumer.metric("onoff_consumer_dedupe_errors_total") >= 3
+            assert len(await pg_rows(postgres_url, pg_schema)) == 10  # paused, not skipping
+
+            await asyncio.to_thread(store.start)
+            rows = await wait_for_rows(postgres_url, pg_schema, 20, seconds=60)
+            await wait_until(
+                lambda: consumer.metric("onoff_consumer_events_consumed_total") == 25,
+                30,
+                "all 25 records consumed",
+            )
+            assert {r["id"] for r in rows} == {e["id"] for e in first + second}
+            assert consumer.metric("onoff_consumer_events_delivered_total") == 20
+            # The five copies were dropped by the store's done marks (kept across the restart).
+            assert consumer.metric("onoff_consumer_duplicates_dropped_total") == 5
+    finally:
+        await asyncio.to_thread(store.stop)
+
+
+async def test_poison_records_go_to_the_dlq_and_the_partition_keeps_flowing(
+    kafka_bootstrap: str, postgres_url: str, redis_url: str, pg_schema: str
+) -> None:
+    topic = await make_topics(kafka_bootstrap, partitions=1)
+    before, after = sms_event(), sms_event()
+    nul_body = sms_event(body="NUL \u0000 inside")  # valid JSON; PostgreSQL refuses NUL in text
+    env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=postgres_url,
+        WAREHOUSE_SCHEMA=pg_schema,
+        DEDUPE_URL=redis_url,
+    )
+    async with InProcessConsumer(env) as consumer:
+        await publish(kafka_bootstrap, topic, [before, b"{not json", nul_body, after])
+        rows = await wait_for_rows(postgres_url, pg_schema, 2)
+        await wait_until(
+            lambda: consumer.metric("onoff_consumer_dlq_events_total") == 2, 20, "two DLQ records"
+        )
+        assert consumer.metric("onoff_consumer_dlq_events_total", reason="invalid_event") == 1
+        assert consumer.metric("onoff_consumer_dlq_events_total", reason="rejected_by_sink") == 1
+        await wait_until(lambda: consumer.metric("onoff_consumer_lag_records") == 0, 10, "lag 0")
+    assert {r["id"] for r in rows} == {before["id"], after["id"]}
+
+    dlq = await read_records(kafka_bootstrap, f"{topic}.warehouse.dlq", count=2)
+    values = sorted((orjson.loads(r.value) for r in dlq), key=lambda v: v["source"]["offset"])
+    assert [v["reason"] for v in values] == ["invalid_event", "rejected_by_sink"]
+    assert values[0]["raw_value_base64"]
+    assert values[0]["source"]["offset"] == 1
+    assert values[1]["payload"] == nul_body
+    assert values[1]["detail"].startswith("postgres 22")
+    assert dlq[1].key == nul_body["id"].encode()
+    for value in values:
+        assert value["stage"] == "warehouse"
+
+
+async def test_sigterm_mid_stream_exits_zero_and_a_restart_loses_and_doubles_nothing(
+    kafka_bootstrap: str, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    topic = await make_topics(kafka_bootstrap)
+    events = [sms_event() for _ in range(3000)]
+    await publish(kafka_bootstrap, topic, events)
+    env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=postgres_url,
+        WAREHOUSE_SCHEMA=pg_schema,
+        CONSUMER_MAX_BATCH="50",
+        DEDUPE_URL=f"sqlite:///{tmp_path}/dedupe.sqlite3",
+        CONSUMER_PORT=str(free_port()),
+    )
+    log = tmp_path / "consumer.log"
+    consumer = ConsumerProcess(env, log)
+    try:
+        await wait_for_rows(postgres_url, pg_schema, 200)
+        consumer.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(consumer.process.wait, 25)
+    finally:
+        consumer.close()
+    assert exit_code == 0
+    lines = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    events_logged = [line["event"] for line in lines]
+    assert "draining" in events_logged
+    assert events_logged[-1] == "stopped"
+
+    restarted = ConsumerProcess(env, log)
+    try:
+        await wait_for_rows(postgres_url, pg_schema, 3000)
+        await asyncio.sleep(1)
+        rows = await pg_rows(postgres_url, pg_schema)
+        assert len(rows) == 3000
+        assert {r["id"] for r in rows} == {e["id"] for e in events}
+    finally:
+        restarted.close()
+
+
+async def test_stuck_kafka_consumer_is_recreated_by_the_watchdog(
+    kafka_bootstrap: str, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    """A consumer that stops fetching while records wait is replaced, in-process."""
+    topic = await make_topics(kafka_bootstrap)
+    env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=postgres_url,
+        WAREHOUSE_SCHEMA=pg_schema,
+        CONSUMER_STALL_SECONDS="2",
+        DEDUPE_URL=f"sqlite:///{tmp_path}/dedupe.sqlite3",
+    )
+    async with InProcessConsumer(env) as consumer:
+        await publish(kafka_bootstrap, topic, [sms_event()])
+        await wait_for_rows(postgres_url, pg_schema, 1)
+        runner = consumer.runner
+        assert runner is not None
+        stuck = runner._consumer  # the test makes a real consumer stop fetching
+        stuck.pause(*stuck.assignment())
+        await publish(kafka_bootstrap, topic, [sms_event() for _ in range(5)])
+        await wait_for_rows(postgres_url, pg_schema, 6, seconds=30)
+        assert (
+            consumer.metric("onoff_consumer_kafka_consumer_restarts_total", reason="stalled") == 1
+        )
+        assert runner._consumer is not stuck
+
+
+def test_bad_warehouse_url_stops_the_consumer_at_start_naming_it(tmp_path: Path) -> None:
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from tests.conftest import ROOT  # noqa: PLC0415
+
+    done = subprocess.run(
+        [sys.executable, "-m", "consumers", "warehouse"],
+        cwd=ROOT,
+        capture_output=True,
+        env={"PATH": "/usr/bin:/bin", "WAREHOUSE_URL": "mysql://x"},
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"invalid setting: WAREHOUSE_URL" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "consumers", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"usage: onoff-consumer" in done.stderr
