@@ -1,15 +1,16 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    venv, dependencies, a local Kafka broker, the gateway (foreground; Ctrl-C stops all)
+#   make run    venv, dependencies, a local Kafka broker, the gateway and the consumers
+#               (foreground; Ctrl-C stops all)
 #   make test   the same set-up, then lint, types, import rules and the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit kafka-fetch kafka-start kafka-stop clean help
+.PHONY: run test lint kafka-fetch services-install kafka-start kafka-stop clean help
 
 help:
-	@sed -n '1,4p' Makefile
+	@sed -n '1,5p' Makefile
 
 $(STAMP): pyproject.toml
 	@scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -17,6 +18,12 @@ $(STAMP): pyproject.toml
 
 kafka-fetch:
 	@scripts/kafka.sh fetch
+
+# PostgreSQL and Redis for the tests: installed from Debian's packages when missing, up front,
+# so no test spends its time limit on apt-get.
+services-install:
+	@scripts/postgres.sh install
+	@scripts/redis.sh install
 
 run: $(STAMP) kafka-fetch
 	@scripts/run.sh
@@ -27,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: $(STAMP) kafka-fetch lint
+test: $(STAMP) kafka-fetch services-install lint
 	$(BIN)/pytest
 
 kafka-start: kafka-fetch

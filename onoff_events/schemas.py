@@ -12,6 +12,7 @@ import orjson
 
 SMS_EVENT = "onoff-sms-event.schema.json"
 DLQ_RECORD = "dlq-record.schema.json"
+SINK_DLQ_RECORD = "sink-dlq-record.schema.json"
 
 
 def schemas_dir() -> Path:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real PostgreSQL server on 127.0.0.1 for tests and local runs, no Docker.
 #
+#   scripts/postgres.sh install                 install Debian's postgresql when missing
 #   scripts/postgres.sh start  [DIR] [PORT]   initdb if new, start, wait until it answers, create database onoff
 #   scripts/postgres.sh stop   [DIR]          fast shutdown, leave no process behind
 #   scripts/postgres.sh status [DIR]
@@ -152,6 +153,7 @@ url() {
 }
 
 case "${1:-}" in
+  install) ensure_bin ;;  # install the server when missing (make test does this up front)
   start|stop|status|url) cmd=$1; shift; "$cmd" "$@" ;;
-  *) sed -n '2,11p' "$0"; exit 2 ;;
+  *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real Redis server on 127.0.0.1 for tests and local runs, no Docker.
 #
+#   scripts/redis.sh install                 install Debian's redis-server when missing
 #   scripts/redis.sh start  [DIR] [PORT]   write DIR/redis.conf, start, wait until it answers PONG
 #   scripts/redis.sh stop   [DIR]          shut down (the AOF is flushed), leave no process behind
 #   scripts/redis.sh status [DIR]
@@ -114,6 +115,7 @@ url() {
 }
 
 case "${1:-}" in
+  install) ensure_bin ;;  # install the server when missing (make test does this up front)
   start|stop|status|url) cmd=$1; shift; "$cmd" "$@" ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: a local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), the
-# topics, and the gateway in the foreground with a development API key. Ctrl-C stops all.
+# topics, the gateway with a development API key, and the consumers on embedded defaults
+# (DuckDB warehouse in .data/warehouse.duckdb, SQLite dedupe; WAREHOUSE_URL and DEDUPE_URL
+# override them). Everything in the foreground; Ctrl-C stops all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
@@ -24,7 +26,7 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-"$bin/python" -m onoff_events.topics
+"$bin/python" -m onoff_events.topics warehouse
 
 # A development key, made once and kept in .data (ignored by git), unless keys are given.
 if [ -z "${GATEWAY_API_KEYS:-}" ]; then
@@ -47,5 +49,8 @@ MSG
 
 "$bin/python" -m gateway &
 pids+=($!)
+CONSUMER_PORT=${WAREHOUSE_CONSUMER_PORT:-8081} "$bin/python" -m consumers warehouse &
+pids+=($!)
+echo "run: warehouse consumer metrics on http://127.0.0.1:${WAREHOUSE_CONSUMER_PORT:-8081}/metrics" >&2
 # Wait for any service to end (Ctrl-C lands in the trap above).
 wait -n "${pids[@]}" || true

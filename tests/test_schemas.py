@@ -8,7 +8,7 @@ from openapi_spec_validator import validate as validate_openapi
 
 from onoff_events import schemas
 
-SCHEMA_FILES = [schemas.SMS_EVENT, schemas.DLQ_RECORD]
+SCHEMA_FILES = [schemas.SMS_EVENT, schemas.DLQ_RECORD, schemas.SINK_DLQ_RECORD]
 
 
 def test_every_json_schema_is_valid_2020_12() -> None:

@@ -13,6 +13,7 @@ import duckdb
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 
+from onoff_events import schemas
 from tests.conftest import wait_until
 from tests.consumer_harness import (
     ConsumerProcess,
@@ -274,6 +275,7 @@ async def test_poison_records_go_to_the_dlq_and_the_partition_keeps_flowing(
     assert dlq[1].key == nul_body["id"].encode()
     for value in values:
         assert value["stage"] == "warehouse"
+        schemas.validator(schemas.SINK_DLQ_RECORD).validate(value)
 
 
 async def test_sigterm_mid_stream_exits_zero_and_a_restart_loses_and_doubles_nothing(
