@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from consumers.blocking import run_serialised
+
 T = TypeVar("T")
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 CLAIM_TTL_SECONDS = 15 * 60
@@ -161,15 +163,13 @@ class SqliteDedupe:
         await self._run(self._db.execute, "SELECT 1")
 
     async def close(self) -> None:
-        async with self._lock:
-            self._db.close()
+        await run_serialised(self._lock, self._db.close)
 
     async def _run(self, work: Callable[..., T], *args: object) -> T:
-        async with self._lock:
-            try:
-                return await asyncio.to_thread(work, *args)
-            except sqlite3.Error as exc:
-                raise DedupeUnavailable(f"sqlite: {type(exc).__name__}") from exc
+        try:
+            return await run_serialised(self._lock, work, *args)
+        except sqlite3.Error as exc:
+            raise DedupeUnavailable(f"sqlite: {type(exc).__name__}") from exc
 
     def _claim_sync(self, ids: list[str]) -> set[str]:
         now = time.time()

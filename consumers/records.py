@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from onoff_events.cloudevents import RECEIVED_TIME
+from onoff_events.cloudevents import RECEIVED_TIME, parse_rfc3339
 from onoff_events.sms_event import Quarantined, SmsEventChecker
 
 
@@ -54,10 +54,9 @@ class RecordDecoder:
             problems = ", ".join(f"{p.path or '/'} {p.keyword}" for p in verdict.problems)
             return _poison(record, "invalid_event", f"{verdict.reason}: {problems}")
         payload = verdict.payload
-        try:
-            sent_at = datetime.fromisoformat(verdict.date)
-        except ValueError:
-            return _poison(record, "invalid_event", "/date is not an ISO 8601 time Python reads")
+        sent_at = parse_rfc3339(verdict.date)
+        if sent_at is None:
+            return _poison(record, "invalid_event", "/date is not an RFC 3339 time with an offset")
         return SmsRecord(
             event_id=verdict.event_id,
             payload=payload,
@@ -99,11 +98,13 @@ def _poison(record: Any, reason: str, detail: str) -> PoisonRecord:
     )
 
 
-def _received_at(headers: Sequence[tuple[str, bytes]] | None) -> datetime | None:
+def _received_at(headers: Sequence[tuple[str, bytes | None]] | None) -> datetime | None:
+    """The gateway's receive time; None when absent or unusable (another writer's header
+    must never stop the consumer)."""
     for name, value in headers or ():
-        if name == RECEIVED_TIME:
+        if name == RECEIVED_TIME and isinstance(value, bytes):
             try:
-                return datetime.fromisoformat(value.decode())
-            except (UnicodeDecodeError, ValueError):
+                return parse_rfc3339(value.decode())
+            except UnicodeDecodeError:
                 return None
     return None

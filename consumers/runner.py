@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import TopicPartition
 
 from consumers.dedupe import DedupeStore, DedupeUnavailable
@@ -29,11 +29,14 @@ from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_e
 from consumers.settings import ConsumerSettings
 from consumers.sinks import Sink, TransientSinkError
 from onoff_events.cloudevents import rfc3339_now
+from onoff_events.kafka import PRODUCER_FATAL
 from onoff_events.logs import log_event
 
 log = logging.getLogger("consumers.runner")
 T = TypeVar("T")
 TRANSIENT = (TransientSinkError, DedupeUnavailable, KafkaError, OSError, TimeoutError)
+DLQ_SEND_TIMEOUT_SECONDS = 30.0
+CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 class BatchAbandoned(Exception):
@@ -91,6 +94,9 @@ class Runner:
                 finally:
                     consumer, self._consumer = self._consumer, None
                     await _stop_consumer(consumer)
+                    # stop() revokes without telling the listener: another member may commit
+                    # past what we remember before we get a partition back.
+                    self._forget(list(self._committed))
                 if self._restart.is_set() and not self._stop.is_set():
                     self._restart.clear()
                     log_event(log, "kafka_consumer_recreated", logging.WARNING, sink=self._name)
@@ -101,10 +107,19 @@ class Runner:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
-            if self._dlq is not None:
-                await self._dlq.stop()
-            await self._sink.close()
-            await self._dedupe.close()
+            await _stop_producer(self._dlq)
+            for close in (self._sink.close, self._dedupe.close):
+                try:
+                    async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                        await close()
+                except (TimeoutError, *TRANSIENT) as exc:
+                    log_event(
+                        log,
+                        "close_failed",
+                        logging.WARNING,
+                        sink=self._name,
+                        error_type=type(exc).__name__,
+                    )
             log_event(log, "runner_stopped", sink=self._name)
 
     # --- the batch loop -------------------------------------------------------------------
@@ -112,9 +127,25 @@ class Runner:
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         self._last_fetch = time.monotonic()
         while not self._stop.is_set() and not self._restart.is_set():
-            batches = await consumer.getmany(
-                timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_batch
-            )
+            try:
+                batches = await consumer.getmany(
+                    timeout_ms=self._settings.poll_timeout_ms,
+                    max_records=self._settings.max_batch,
+                )
+            except KafkaError as exc:
+                # Fetch or group errors aiokafka does not retry itself (authorization during an
+                # ACL change, an undecodable batch): a fresh consumer after a pause, not a crash.
+                log_event(
+                    log,
+                    "kafka_consumer_error",
+                    logging.ERROR,
+                    sink=self._name,
+                    error_type=type(exc).__name__,
+                )
+                self._m.restarts.labels(self._name, "fetch_error").inc()
+                self._set_healthy(healthy=False)
+                await self._interrupted_within(self._settings.backoff.max_seconds)
+                return
             if not batches:
                 self._set_healthy(healthy=True)
                 continue
@@ -214,6 +245,19 @@ class Runner:
         """Run ``step`` until it succeeds; back off between transient failures. While backing
         off, a stop or a partition revocation abandons the batch (BatchAbandoned)."""
         attempt = 0
+        try:
+            return await self._retry_loop(step, stage, retry_if, attempt)
+        finally:
+            # Also when the batch is abandoned: a stale flag would blind the watchdog.
+            self._retrying = False
+
+    async def _retry_loop(
+        self,
+        step: Callable[[], Awaitable[T]],
+        stage: str,
+        retry_if: Callable[[BaseException], bool],
+        attempt: int,
+    ) -> T:
         while True:
             try:
                 result = await step()
@@ -232,7 +276,6 @@ class Runner:
                 if await self._interrupted_within(delay):
                     raise BatchAbandoned from exc
             else:
-                self._retrying = False
                 return result
 
     async def _interrupted_within(self, seconds: float) -> bool:
@@ -308,17 +351,27 @@ class Runner:
         )
 
     async def _send_dlq(self, dlq_records: list[tuple[bytes | None, bytes]]) -> None:
-        assert self._dlq is not None  # noqa: S101 # started before the loop
-        deliveries = [
-            await self._dlq.send(
-                self._settings.dlq_topic,
-                value,
-                key=key,
-                headers=[("content-type", b"application/json")],
-            )
-            for key, value in dlq_records
-        ]
-        await asyncio.gather(*deliveries)
+        producer = self._dlq
+        if producer is None:
+            self._dlq = await self._start_dlq_producer()
+            producer = self._dlq
+        deliveries: list[asyncio.Future[Any]] = []
+        try:
+            # Bounded: an idempotent producer never gives up a batch by itself.
+            async with asyncio.timeout(DLQ_SEND_TIMEOUT_SECONDS):
+                for key, value in dlq_records:
+                    deliveries.append(await self._send_one_dlq(producer, key, value))
+                await asyncio.gather(*deliveries)
+        except PRODUCER_FATAL as exc:
+            self._dlq = None
+            await _stop_producer(producer)
+            self._m.restarts.labels(self._name, "dlq_producer_fatal").inc()
+            raise TransientSinkError(f"dlq producer replaced: {type(exc).__name__}") from exc
+        finally:
+            for delivery in deliveries:
+                if not delivery.done():
+                    delivery.cancel()
+            await asyncio.gather(*deliveries, return_exceptions=True)
         for _, value in dlq_records:
             self._m.dlq.labels(self._name, orjson.loads(value)["reason"]).inc()
         log_event(
@@ -329,6 +382,25 @@ class Runner:
             records=len(dlq_records),
             topic=self._settings.dlq_topic,
         )
+
+    async def _send_one_dlq(
+        self, producer: AIOKafkaProducer, key: bytes | None, value: bytes
+    ) -> asyncio.Future[Any]:
+        headers = [("content-type", b"application/json")]
+        try:
+            delivery: asyncio.Future[Any] = await producer.send(
+                self._settings.dlq_topic, value, key=key, headers=headers
+            )
+        except MessageSizeTooLargeError:
+            # The record stays readable at its source offset; the DLQ keeps where and why.
+            record = orjson.loads(value)
+            record.pop("payload", None)
+            record["raw_value_base64"] = ""
+            record["detail"] += " (value too large for the DLQ: read it at its source offset)"
+            delivery = await producer.send(
+                self._settings.dlq_topic, orjson.dumps(record), key=key, headers=headers
+            )
+        return delivery
 
     # --- Kafka clients --------------------------------------------------------------------
 
@@ -355,6 +427,9 @@ class Runner:
             # A new group reads the topic from the start: nothing published is skipped.
             auto_offset_reset="earliest",
             max_poll_interval_ms=s.max_poll_interval_ms,
+            # on_revoked waits for the batch step in progress (an insert may take up to its
+            # 30 s command timeout): the broker must wait longer before evicting us.
+            rebalance_timeout_ms=90_000,
             max_poll_records=s.max_batch,
         )
         consumer.subscribe([s.topic], listener=_Rebalance(self))
@@ -456,6 +531,17 @@ async def _committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | No
     except (KafkaError, TimeoutError):
         return None
     return int(offset) if offset is not None else None
+
+
+async def _stop_producer(producer: AIOKafkaProducer | None) -> None:
+    """Stop within a bound: stop() flushes, which a dead cluster never lets finish."""
+    if producer is None:
+        return
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+            await producer.stop()
+    except (KafkaError, TimeoutError) as exc:
+        log_event(log, "dlq_producer_stop_failed", logging.WARNING, error_type=type(exc).__name__)
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer | None) -> None:

@@ -89,4 +89,5 @@ def _presented_key(authorization: str | None, x_api_key: str | None) -> str | Au
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # surrogateescape: a header that is not valid UTF-8 is simply an unknown key, not a 500.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()

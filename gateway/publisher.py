@@ -19,35 +19,14 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    IllegalStateError,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    KafkaError,
-    MessageSizeTooLargeError,
-    OutOfOrderSequenceNumber,
-    ProducerClosed,
-    ProducerFenced,
-    UnknownProducerId,
-)
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from gateway.metrics import GatewayMetrics
 from onoff_events.cloudevents import Headers
-from onoff_events.kafka import KafkaSettings
+from onoff_events.kafka import PRODUCER_FATAL, KafkaSettings
 from onoff_events.logs import log_event
 
 log = logging.getLogger("gateway.publisher")
-
-# Errors after which this producer will fail every later record: replace it.
-PRODUCER_FATAL: tuple[type[BaseException], ...] = (
-    OutOfOrderSequenceNumber,
-    ProducerFenced,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    UnknownProducerId,
-    IllegalStateError,
-    ProducerClosed,
-)
 
 
 class PublishFailed(Exception):
@@ -256,7 +235,9 @@ class Publisher:
 
     async def _close_retired(self) -> None:
         while self._retired:
-            await self._stop_quietly(self._retired.pop())
+            # Stop before forgetting it: a cancellation mid-stop must not leak the producer.
+            await self._stop_quietly(self._retired[0])
+            self._retired.pop(0)
 
     async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
         """Stop a producer within the close timeout, flushing what it can."""

@@ -12,8 +12,7 @@ from onoff_events.kafka import KafkaSettings
 
 # Onoff waits 10 s for an answer; a publish deadline at or past that would answer too late.
 ONOFF_READ_TIMEOUT_SECONDS = 10.0
-# Codecs aiokafka supports without optional native extras.
-COMPRESSION_TYPES = frozenset({"none", "gzip"})
+COMPRESSION_TYPES = frozenset({"none", "gzip", "lz4", "snappy", "zstd"})  # cramjam for the last 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,23 @@ KEY_LABEL = "ce_keylabel"
 Headers = list[tuple[str, bytes]]
 
 
+def parse_rfc3339(text: str) -> datetime | None:
+    """An RFC 3339 date-time as an aware datetime; None when it is not one.
+
+    RFC 3339 allows a lower-case 't'/'z' and a leap second (:60), which Python's
+    fromisoformat refuses: upper-case, and a leap second becomes the last microsecond of
+    its minute. A time without an offset is not RFC 3339.
+    """
+    candidate = text.strip().upper()
+    if len(candidate) > 19 and candidate[16:19] == ":60":
+        candidate = candidate[:17] + "59.999999" + candidate[19:].lstrip("0123456789.")
+    try:
+        moment = datetime.fromisoformat(candidate)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
 def rfc3339_now() -> str:
     """The current UTC time as RFC 3339 with milliseconds and a ``Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

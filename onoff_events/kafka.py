@@ -7,7 +7,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.errors import (
+    IllegalStateError,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    ProducerFenced,
+    UnknownProducerId,
+)
+
 from onoff_events import settings as s
+
+# After one of these an idempotent producer fails every later record (aiokafka issue 1017:
+# it never resets its sequence numbers): the only cure is a new producer.
+PRODUCER_FATAL: tuple[type[BaseException], ...] = (
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    UnknownProducerId,
+    IllegalStateError,
+    ProducerClosed,
+)
 
 SECURITY_PROTOCOLS = frozenset({"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"})
 SASL_MECHANISMS = frozenset({"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"})

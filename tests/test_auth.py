@@ -61,3 +61,7 @@ def test_empty_spec_means_no_keys() -> None:
     assert ApiKeys.parse("").authenticate("x-api-key anything-at-all-here", None) == (
         AuthFailure.UNKNOWN_KEY
     )
+
+
+def test_a_key_that_is_not_utf8_is_just_unknown() -> None:
+    assert KEYS.authenticate(None, "caf\udce9-not-utf8-bytes") == AuthFailure.UNKNOWN_KEY

@@ -116,3 +116,31 @@ def test_dedupe_urls_are_checked() -> None:
         dedupe_from_url("memcached://x", "n", 60)
     with pytest.raises(ValueError, match="needs a file"):
         dedupe_from_url("sqlite://", "n", 60)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"2024-01-01T00:00:00", b"\xff\xfe", None, b"yesterday"],
+    ids=["naive-time", "not-utf8", "null-value", "not-a-time"],
+)
+def test_an_unusable_receive_time_header_is_ignored_not_fatal(header: bytes | None) -> None:
+    event = sms_event()
+    record = kafka_record(orjson.dumps(event), headers=[("ce_receivedtime", header)])
+    decoded = RecordDecoder().decode(record)
+    assert isinstance(decoded, SmsRecord)
+    assert decoded.received_at is None
+
+
+@pytest.mark.parametrize(
+    ("date", "expected"),
+    [
+        ("2023-05-20t14:30:00z", "2023-05-20T14:30:00+00:00"),
+        ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59.999999+00:00"),
+        ("2016-12-31T23:59:60.5Z", "2016-12-31T23:59:59.999999+00:00"),
+    ],
+    ids=["lower-case", "leap-second", "leap-second-fraction"],
+)
+def test_rfc3339_dates_the_gateway_accepts_are_read_by_consumers(date: str, expected: str) -> None:
+    decoded = RecordDecoder().decode(kafka_record(orjson.dumps(sms_event(date=date))))
+    assert isinstance(decoded, SmsRecord)
+    assert decoded.sent_at.isoformat() == expected

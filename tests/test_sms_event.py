@@ -52,6 +52,7 @@ def test_optional_contact_fields_may_be_absent() -> None:
         ({"id": "x" * 257}, [("/id", "maxLength")]),
         ({"id": "tab\there"}, [("/id", "pattern")]),
         ({"onoffUserNumber": 1234567890}, [("/onoffUserNumber", "type")]),
+        ({"externalNumber": "1" * 4000}, [("/externalNumber", "maxLength")]),
     ],
 )
 def test_each_violation_is_named_by_path_and_keyword(

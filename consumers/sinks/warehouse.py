@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from consumers.blocking import run_serialised
 from consumers.records import SmsRecord
 from consumers.sinks import SinkConfigError, TransientSinkError
 from onoff_events import settings as s
@@ -111,11 +112,11 @@ def warehouse_row(event: SmsRecord) -> tuple[Any, ...]:
 
 
 def _permanent(exc: BaseException) -> bool:
-    """Errors about the row itself (SQLSTATE classes 22 data, 23 integrity): retrying the
-    same row can never work. Everything else (connection, shutdown, timeouts, resources)
-    is transient and retried."""
+    """Errors about the row itself: SQLSTATE classes 22 (data), 23 (integrity) and 54
+    (program limit, e.g. an index row too large). Retrying the same row can never work.
+    Everything else (connection, shutdown, timeouts, resources) is transient and retried."""
     state = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, asyncpg.PostgresError) and state[:2] in ("22", "23")
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in ("22", "23", "54")
 
 
 class PostgresWarehouse:
@@ -216,7 +217,8 @@ class DuckDbWarehouse:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: Any = None
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._deliveries = asyncio.Lock()  # one batch at a time
         placeholders = ", ".join("?" for _ in COLUMNS)
         self._insert = (
             f"INSERT INTO sms_events ({', '.join(COLUMNS)}) VALUES ({placeholders}) "  # noqa: S608
@@ -243,9 +245,9 @@ class DuckDbWarehouse:
         import duckdb  # noqa: PLC0415
 
         rows = [_duck_row(e) for e in events]
-        async with self._lock:
+        async with self._deliveries:
             try:
-                await asyncio.to_thread(self._insert_all, rows)
+                await run_serialised(self._lock, self._insert_all, rows)
             except (
                 duckdb.ConversionException,
                 duckdb.ConstraintException,
@@ -259,7 +261,7 @@ class DuckDbWarehouse:
             rejected: dict[str, str] = {}
             for row in rows:
                 try:
-                    await asyncio.to_thread(self._insert_all, [row])
+                    await run_serialised(self._lock, self._insert_all, [row])
                 except (
                     duckdb.ConversionException,
                     duckdb.ConstraintException,
@@ -280,10 +282,9 @@ class DuckDbWarehouse:
         self._db.execute("COMMIT")
 
     async def close(self) -> None:
-        async with self._lock:
-            if self._db is not None:
-                db, self._db = self._db, None
-                await asyncio.to_thread(db.close)
+        if self._db is not None:
+            db, self._db = self._db, None
+            await run_serialised(self._lock, db.close)
 
 
 def _duck_row(event: SmsRecord) -> tuple[Any, ...]:

@@ -1,0 +1,238 @@
+"""Alert rules: parsed from a TOML file and evaluated as pure functions.
+
+The rules file is documented in docs/alert-rules.md. A bad file stops the alerts service at
+start with a message naming the rule and the problem (RulesError).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RULE_KINDS = frozenset({"keyword", "regex", "opt_out", "burst", "blocklist"})
+TARGETS = frozenset({"log", "alertmanager", "slack", "pagerduty"})
+SEVERITIES = frozenset({"critical", "error", "warning", "info"})
+DIRECTIONS = frozenset({"SENT", "RECEIVED"})
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DEFAULT_OPT_OUT_WORDS = ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "ARRET")
+MAX_EXCERPT = 160
+
+
+class RulesError(ValueError):
+    """The rules file is unusable; the message names the rule and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    kind: str
+    targets: tuple[str, ...]
+    severity: str = "warning"
+    include_body: bool = False
+    directions: frozenset[str] = DIRECTIONS
+    summary: str = ""
+    resolve_after_minutes: float = 60.0
+    # keyword / opt_out
+    words: tuple[str, ...] = ()
+    # regex
+    pattern: re.Pattern[str] | None = None
+    # burst
+    max_messages: int = 0
+    window_minutes: float = 0.0
+    # blocklist (E.164 numbers)
+    numbers: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    rules: tuple[Rule, ...]
+
+    @property
+    def targets(self) -> frozenset[str]:
+        return frozenset(t for r in self.rules for t in r.targets)
+
+    @property
+    def burst_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.kind == "burst")
+
+
+def load_rules(path: Path, normalise: Any = None) -> RuleSet:
+    """Read and check a rules file. ``normalise`` turns a blocklist number into E.164."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RulesError(f"{path}: cannot read the rules file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(f"{path}: not valid TOML: {exc}") from None
+    return parse_rules(document, normalise)
+
+
+def parse_rules(document: Mapping[str, Any], normalise: Any = None) -> RuleSet:
+    unknown = set(document) - {"rule"}
+    if unknown:
+        raise RulesError(f"unknown top-level key(s) {sorted(unknown)}; rules are [[rule]] tables")
+    entries = document.get("rule", [])
+    if not isinstance(entries, list) or not entries:
+        raise RulesError("no rules: add at least one [[rule]] table")
+    rules: list[Rule] = []
+    for position, entry in enumerate(entries, 1):
+        rule = _parse_rule(position, entry, normalise)
+        if any(r.name == rule.name for r in rules):
+            raise RulesError(f"rule {rule.name!r}: the name is used twice")
+        rules.append(rule)
+    return RuleSet(tuple(rules))
+
+
+_COMMON = {"name", "kind", "targets", "severity", "include_body", "directions", "summary",
+           "resolve_after_minutes"}  # fmt: skip
+_BY_KIND = {
+    "keyword": {"words"},
+    "opt_out": {"words"},
+    "regex": {"pattern"},
+    "burst": {"max_messages", "window_minutes"},
+    "blocklist": {"numbers"},
+}
+
+
+def _parse_rule(position: int, entry: Any, normalise: Any) -> Rule:
+    if not isinstance(entry, dict):
+        raise RulesError(f"rule #{position}: must be a [[rule]] table")
+    name = entry.get("name")
+    label = f"rule {name!r}" if isinstance(name, str) else f"rule #{position}"
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise RulesError(f"{label}: 'name' must be 1-63 lower-case letters, digits, '-' or '_'")
+    kind = entry.get("kind")
+    if kind not in RULE_KINDS:
+        raise RulesError(f"{label}: 'kind' must be one of {sorted(RULE_KINDS)}, got {kind!r}")
+    extra = set(entry) - _COMMON - _BY_KIND[kind]
+    if extra:
+        raise RulesError(f"{label}: unknown key(s) {sorted(extra)} for kind {kind!r}")
+
+    targets = entry.get("targets", ["log"])
+    if not isinstance(targets, list) or not targets or not set(targets) <= TARGETS:
+        raise RulesError(f"{label}: 'targets' must be a non-empty list of {sorted(TARGETS)}")
+    severity = entry.get("severity", "warning")
+    if severity not in SEVERITIES:
+        raise RulesError(f"{label}: 'severity' must be one of {sorted(SEVERITIES)}")
+    include_body = entry.get("include_body", False)
+    if not isinstance(include_body, bool):
+        raise RulesError(f"{label}: 'include_body' must be true or false")
+    directions = entry.get("directions", sorted(DIRECTIONS))
+    if not isinstance(directions, list) or not directions or not set(directions) <= DIRECTIONS:
+        raise RulesError(f"{label}: 'directions' must be a non-empty list of SENT/RECEIVED")
+    summary = entry.get("summary", "")
+    if not isinstance(summary, str) or len(summary) > 200:
+        raise RulesError(f"{label}: 'summary' must be text of at most 200 characters")
+    resolve_after = entry.get("resolve_after_minutes", 60)
+    if not isinstance(resolve_after, int | float) or not 1 <= resolve_after <= 7 * 24 * 60:
+        raise RulesError(f"{label}: 'resolve_after_minutes' must be a number from 1 to 10080")
+    rule = Rule(
+        name=name,
+        kind=kind,
+        targets=tuple(dict.fromkeys(targets)),
+        severity=severity,
+        include_body=include_body,
+        directions=frozenset(directions),
+        summary=summary,
+        resolve_after_minutes=float(resolve_after),
+    )
+    return _with_kind_fields(label, rule, entry, normalise)
+
+
+def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: Any) -> Rule:
+    from dataclasses import replace  # noqa: PLC0415
+
+    if rule.kind in ("keyword", "opt_out"):
+        default = list(DEFAULT_OPT_OUT_WORDS) if rule.kind == "opt_out" else None
+        words = entry.get("words", default)
+        if (
+            not isinstance(words, list)
+            or not words
+            or not all(isinstance(w, str) and w.strip() for w in words)
+        ):
+            raise RulesError(f"{label}: 'words' must be a non-empty list of words")
+        directions = rule.directions
+        if rule.kind == "opt_out":
+            # Opt-outs are what the other party sends us; an opt-out we send is no signal.
+            directions = frozenset({"RECEIVED"})
+        return replace(
+            rule, words=tuple(w.strip().casefold() for w in words), directions=directions
+        )
+    if rule.kind == "regex":
+        pattern = entry.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise RulesError(f"{label}: 'pattern' must be a regular expression")
+        try:
+            compiled = re.compile(pattern, re.IGNORECASE)
+        except re.error as exc:
+            raise RulesError(
+                f"{label}: 'pattern' is not a valid regular expression: {exc}"
+            ) from None
+        return replace(rule, pattern=compiled)
+    if rule.kind == "burst":
+        limit, window = entry.get("max_messages"), entry.get("window_minutes")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100_000:
+            raise RulesError(f"{label}: 'max_messages' must be a whole number from 1 to 100000")
+        if (
+            not isinstance(window, int | float)
+            or isinstance(window, bool)
+            or not 0 < window <= 1440
+        ):
+            raise RulesError(f"{label}: 'window_minutes' must be a number above 0 and at most 1440")
+        return replace(rule, max_messages=limit, window_minutes=float(window))
+    numbers = entry.get("numbers")
+    if not isinstance(numbers, list) or not numbers or not all(isinstance(n, str) for n in numbers):
+        raise RulesError(f"{label}: 'numbers' must be a non-empty list of phone numbers")
+    normalised = set()
+    for index, number in enumerate(numbers, 1):
+        e164 = normalise(number) if normalise is not None else number
+        if e164 is None:
+            # The position, not the number: the rules file may be shown in logs.
+            raise RulesError(f"{label}: number #{index} in 'numbers' is not a phone number")
+        normalised.add(e164)
+    return replace(rule, numbers=frozenset(normalised))
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def stateless_matches(
+    rules: Iterable[Rule], body: str, direction: str, sender: str | None
+) -> list[Rule]:
+    """Rules other than burst that this message matches. ``sender`` is the external number
+    in E.164 (None when it cannot be read)."""
+    words = {w.casefold() for w in _WORD.findall(body)}
+    return [r for r in rules if direction in r.directions and _matches(r, body, words, sender)]
+
+
+def _matches(rule: Rule, body: str, words: set[str], sender: str | None) -> bool:
+    if rule.kind == "keyword":
+        return any(w in words for w in rule.words)
+    if rule.kind == "opt_out":
+        return _is_opt_out(body, rule.words)
+    if rule.kind == "regex":
+        return rule.pattern is not None and rule.pattern.search(body) is not None
+    if rule.kind == "blocklist":
+        return sender is not None and sender in rule.numbers
+    return False  # burst rules need state: see burst_fires
+
+
+def _is_opt_out(body: str, words: Sequence[str]) -> bool:
+    # "STOP", "Stop.", "stop please": the first word decides, as carriers treat opt-outs.
+    first = _WORD.findall(body[:64])
+    return bool(first) and first[0].casefold() in words
+
+
+def burst_fires(count_in_window: int, rule: Rule) -> bool:
+    """The burst rule fires when a message makes the count pass ``max_messages``."""
+    return count_in_window > rule.max_messages
+
+
+def excerpt(body: str) -> str:
+    """A body excerpt for rules that allow one: short, single line."""
+    flat = " ".join(body.split())
+    return flat if len(flat) <= MAX_EXCERPT else flat[: MAX_EXCERPT - 1] + "…"
