@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 kafka-fetch:
 	@scripts/kafka.sh fetch
 
-# PostgreSQL and Redis for the tests: installed from Debian's packages when missing, up front,
+# PostgreSQL, Redis and Alertmanager for the tests: installed from Debian's packages when missing, up front,
 # so no test spends its time limit on apt-get.
 services-install:
 	@scripts/postgres.sh install
 	@scripts/redis.sh install
+	@scripts/alertmanager.sh install
 
 run: $(STAMP) kafka-fetch
 	@scripts/run.sh

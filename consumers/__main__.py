@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: onoff-consumer {{{'|'.join(SINKS)}}}", file=sys.stderr)
         return 2
     name = args[0]
+    registry = CollectorRegistry()
     try:
         settings = ConsumerSettings.from_env(name, os.environ)
-        sink = SINKS[name](os.environ)
+        sink = SINKS[name](os.environ, registry)
         # One namespace per consumer group: each group delivers each id once to its sink.
         dedupe = dedupe_from_url(
             settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds
@@ -41,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_level)
     log_event(log, "starting", settings=settings.describe())
-    registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -136,7 +136,11 @@ class SqliteDedupe:
     One connection used from one worker thread at a time; each step is one transaction.
     """
 
-    def __init__(self, path: Path, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> None:
+    def __init__(
+        self, path: Path, namespace: str = "", ttl_seconds: int = DEFAULT_TTL_SECONDS
+    ) -> None:
+        # One file may serve several consumer groups: ids are kept per namespace (group).
+        self._prefix = f"{namespace}:"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -151,13 +155,17 @@ class SqliteDedupe:
         self._last_purge = 0.0
 
     async def claim(self, ids: Sequence[str]) -> set[str]:
-        return await self._run(self._claim_sync, list(ids))
+        done = await self._run(self._claim_sync, self._keys(ids))
+        return {k[len(self._prefix) :] for k in done}
 
     async def confirm(self, ids: Sequence[str]) -> None:
-        await self._run(self._mark_sync, list(ids))
+        await self._run(self._mark_sync, self._keys(ids))
 
     async def release(self, ids: Sequence[str]) -> None:
-        await self._run(self._release_sync, list(ids))
+        await self._run(self._release_sync, self._keys(ids))
+
+    def _keys(self, ids: Sequence[str]) -> list[str]:
+        return [self._prefix + i for i in ids]
 
     async def ping(self) -> None:
         await self._run(self._db.execute, "SELECT 1")
@@ -234,5 +242,5 @@ def dedupe_from_url(url: str, namespace: str, ttl_seconds: int) -> DedupeStore:
         path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise ValueError("a sqlite dedupe store needs a file: sqlite:///path/to/file")
-        return SqliteDedupe(Path(path), ttl_seconds)
+        return SqliteDedupe(Path(path), namespace, ttl_seconds)
     raise ValueError(f"unsupported dedupe store {scheme!r}: use redis:// or sqlite:///")

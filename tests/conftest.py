@@ -178,6 +178,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         service.stop()
 
 
+@pytest.fixture(scope="session")
+def alertmanager_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus Alertmanager: ``ALERTMANAGER_URL``, else scripts/alertmanager.sh."""
+    configured = os.environ.get("ALERTMANAGER_URL")
+    if configured:
+        yield configured
+        return
+    service = ScriptService("alertmanager.sh", tmp_path_factory.mktemp("alertmanager"), free_port())
+    service.start()
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
+
 @pytest.fixture
 def pg_schema() -> str:
     """A fresh PostgreSQL schema name for one test's warehouse table."""

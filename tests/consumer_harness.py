@@ -84,16 +84,20 @@ class InProcessConsumer:
 
     env: Mapping[str, str]
     sink_name: str = "warehouse"
+    # Lets a test stand a real store behind a wrapper (to stop at a chosen step).
+    wrap_dedupe: Any = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     runner: Runner | None = None
     task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> InProcessConsumer:
         settings = ConsumerSettings.from_env(self.sink_name, self.env)
-        sink = SINKS[self.sink_name](self.env)
+        sink = SINKS[self.sink_name](self.env, self.registry)
         dedupe = dedupe_from_url(
             settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds
         )
+        if self.wrap_dedupe is not None:
+            dedupe = self.wrap_dedupe(dedupe)
         self.runner = Runner(settings, sink, dedupe, ConsumerMetrics.create(self.registry))
         self.task = asyncio.create_task(self.runner.run())
         return self

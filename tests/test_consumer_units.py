@@ -144,3 +144,19 @@ def test_rfc3339_dates_the_gateway_accepts_are_read_by_consumers(date: str, expe
     decoded = RecordDecoder().decode(kafka_record(orjson.dumps(sms_event(date=date))))
     assert isinstance(decoded, SmsRecord)
     assert decoded.sent_at.isoformat() == expected
+
+
+async def test_sqlite_dedupe_keeps_consumer_groups_apart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.sqlite3"
+    warehouse, crm = (
+        dedupe_from_url(url, "onoff-warehouse", 60),
+        dedupe_from_url(url, "onoff-crm", 60),
+    )
+    try:
+        await warehouse.claim(["a"])
+        await warehouse.confirm(["a"])
+        assert await warehouse.claim(["a"]) == {"a"}
+        assert await crm.claim(["a"]) == set()
+    finally:
+        await warehouse.close()
+        await crm.close()

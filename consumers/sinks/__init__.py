@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from consumers.records import SmsRecord
 
 
@@ -47,15 +49,30 @@ class Sink(Protocol):
         """Release connections."""
 
 
-SinkFactory = Callable[[Mapping[str, str]], Sink]
+SinkFactory = Callable[[Mapping[str, str], CollectorRegistry], Sink]
 
 
-def _warehouse(env: Mapping[str, str]) -> Sink:
-    from consumers.sinks.warehouse import warehouse_from_env  # noqa: PLC0415 # lazy: drivers
+# Factories import their module on use: a service loads only its own sink's drivers.
+def _warehouse(env: Mapping[str, str], registry: CollectorRegistry) -> Sink:
+    from consumers.sinks.warehouse import warehouse_from_env  # noqa: PLC0415
 
     return warehouse_from_env(env)
 
 
+def _crm(env: Mapping[str, str], registry: CollectorRegistry) -> Sink:
+    from consumers.sinks.crm import crm_from_env  # noqa: PLC0415
+
+    return crm_from_env(env, registry)
+
+
+def _alerts(env: Mapping[str, str], registry: CollectorRegistry) -> Sink:
+    from consumers.sinks.alerts import alerts_from_env  # noqa: PLC0415
+
+    return alerts_from_env(env, registry)
+
+
 SINKS: dict[str, SinkFactory] = {
     "warehouse": _warehouse,
+    "crm": _crm,
+    "alerts": _alerts,
 }

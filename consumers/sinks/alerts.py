@@ -1,0 +1,388 @@
+"""The alerts sink: messages that match a rule raise an alert, once, where the rule says.
+
+Rules come from a TOML file (docs/alert-rules.md). Targets: ``log`` (the embedded default),
+Prometheus Alertmanager (API v2), a Slack incoming webhook, PagerDuty Events API v2. An alert
+carries the rule, a pseudonymous sender id, masked numbers and, only when the rule allows
+it, a short excerpt of the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiolimiter import AsyncLimiter
+from prometheus_client import CollectorRegistry, Counter
+
+from consumers.alert_rules import Rule as AlertRule
+from consumers.alert_rules import (
+    RulesError,
+    RuleSet,
+    burst_fires,
+    excerpt,
+    load_rules,
+    stateless_matches,
+)
+from consumers.phones import masked, phone_region, to_e164
+from consumers.records import SmsRecord
+from consumers.sinks import SinkConfigError
+from consumers.sinks.burst import BurstStore, burst_store_from_url
+from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
+from onoff_events import settings as s
+from onoff_events.logs import log_event
+
+log = logging.getLogger("consumers.alerts")
+DEFAULT_SUMMARIES = {
+    "keyword": "SMS matched a watched keyword",
+    "regex": "SMS matched a watched pattern",
+    "opt_out": "Opt-out received by SMS",
+    "burst": "Burst of SMS from one number",
+    "blocklist": "SMS exchanged with a blocked number",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    rule: AlertRule
+    event: SmsRecord
+    sender_id: str  # keyed hash of the external number: groups alerts, reveals nothing
+    dedup_key: str
+    summary: str
+    description: str
+    starts_at: datetime
+    ends_at: datetime
+    body_excerpt: str | None
+
+
+class Target(Protocol):
+    name: str
+
+    async def send(self, alerts: Sequence[Alert]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LogTarget:
+    name = "log"
+
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        for a in alerts:
+            log_event(
+                log,
+                "alert",
+                logging.WARNING,
+                rule=a.rule.name,
+                kind=a.rule.kind,
+                severity=a.rule.severity,
+                sender_id=a.sender_id,
+                topic=a.event.topic,
+                partition=a.event.partition,
+                offset=a.event.offset,
+            )
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class AlertmanagerTarget:
+    """``POST /api/v2/alerts``: labels name the rule and the sender, so Alertmanager groups
+    and dedupes repeats; ``endsAt`` lets the alert resolve by itself."""
+
+    name = "alertmanager"
+
+    def __init__(self, url: str, metrics: TargetMetrics) -> None:
+        self._url = url.rstrip("/") + "/api/v2/alerts"
+        self._api = JsonApi("alerts", self.name, metrics)
+
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        if not alerts:
+            return
+        await self._api.call("POST", self._url, [_alertmanager_alert(a) for a in alerts])
+        self._api.count_delivered(len(alerts))
+
+    async def close(self) -> None:
+        await self._api.close()
+
+
+class SlackTarget:
+    name = "slack"
+
+    def __init__(self, webhook_url: str, metrics: TargetMetrics) -> None:
+        self._url = webhook_url
+        # Slack allows about one message per second per incoming webhook.
+        self._api = JsonApi("alerts", self.name, metrics, limiter=AsyncLimiter(1, 1))
+
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        for a in alerts:
+            await self._api.call("POST", self._url, _slack_message(a))
+            self._api.count_delivered()
+
+    async def close(self) -> None:
+        await self._api.close()
+
+
+class PagerDutyTarget:
+    name = "pagerduty"
+
+    def __init__(self, base_url: str, routing_key: str, metrics: TargetMetrics) -> None:
+        self._url = base_url.rstrip("/") + "/v2/enqueue"
+        self._routing_key = routing_key
+        # PagerDuty allows about 120 events a minute per integration key.
+        self._api = JsonApi("alerts", self.name, metrics, limiter=AsyncLimiter(1, 0.5))
+
+    async def send(self, alerts: Sequence[Alert]) -> None:
+        for a in alerts:
+            await self._api.call("POST", self._url, _pagerduty_event(a, self._routing_key))
+            self._api.count_delivered()
+
+    async def close(self) -> None:
+        await self._api.close()
+
+
+class AlertsSink:
+    name = "alerts"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        rules: RuleSet,
+        targets: Mapping[str, Target],
+        burst: BurstStore,
+        region: str | None,
+        sender_key: bytes,
+    ) -> None:
+        self._rules = rules
+        self._targets = targets
+        self._burst = burst
+        self._region = region
+        self._sender_key = sender_key
+        self._matched = Counter(
+            "onoff_consumer_alert_rules_matched",
+            "Alerts raised, by rule (each counted once, when delivered).",
+            ["sink", "rule"],
+            registry=registry,
+        )
+        # (dedup key, target) already sent by this process: a batch retried after another
+        # target failed does not post a second Slack message.
+        self._sent: dict[tuple[str, str], None] = {}
+
+    async def start(self) -> None:
+        """Targets connect on first use."""
+
+    async def close(self) -> None:
+        for target in self._targets.values():
+            await target.close()
+        await self._burst.close()
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+        alerts = await self._alerts_for(events)
+        rejected: dict[str, str] = {}
+        for name, target in self._targets.items():
+            todo = [
+                a
+                for a in alerts
+                if name in a.rule.targets
+                and (a.dedup_key, name) not in self._sent
+                and a.event.event_id not in rejected
+            ]
+            for alert in todo:
+                try:
+                    await target.send([alert])
+                except RequestRejected as exc:
+                    # The target refuses this alert's payload for good: keep the event on
+                    # the DLQ rather than retry for ever.
+                    rejected[alert.event.event_id] = str(exc)
+                    continue
+                self._sent[(alert.dedup_key, name)] = None
+        for alert in alerts:
+            if alert.rule.kind == "burst":
+                window = alert.rule.window_minutes * 60
+                await self._burst.mark_fired(
+                    self._burst_key(alert.rule, alert.sender_id),
+                    alert.event.sent_at.timestamp() + window,
+                    window,
+                )
+            self._matched.labels(self.name, alert.rule.name).inc()
+            for name in alert.rule.targets:
+                self._sent.pop((alert.dedup_key, name), None)
+        return rejected
+
+    async def _alerts_for(self, events: Sequence[SmsRecord]) -> list[Alert]:
+        alerts: list[Alert] = []
+        firing: set[str] = set()  # burst keys that fire in this batch: the first event only
+        for event in events:
+            p = event.payload
+            sender = to_e164(str(p.get("externalNumber", "")), self._region)
+            sender_id = self._sender_id(sender or str(p.get("externalNumber", "")))
+            body, direction = str(p.get("body", "")), str(p.get("smsDirection"))
+            matched = stateless_matches(self._rules.rules, body, direction, sender)
+            for rule in self._rules.burst_rules:
+                if direction not in rule.directions:
+                    continue
+                key = self._burst_key(rule, sender_id)
+                at, window = event.sent_at.timestamp(), rule.window_minutes * 60
+                count = await self._burst.count(key, event.event_id, at, window)
+                if (
+                    burst_fires(count, rule)
+                    and key not in firing
+                    and at >= await self._burst.fired_until(key)
+                ):
+                    firing.add(key)
+                    matched.append(rule)
+            alerts.extend(self._alert(rule, event, sender, sender_id) for rule in matched)
+        return alerts
+
+    def _alert(
+        self, rule: AlertRule, event: SmsRecord, sender: str | None, sender_id: str
+    ) -> Alert:
+        p = event.payload
+        summary = rule.summary or DEFAULT_SUMMARIES[rule.kind]
+        if rule.kind == "burst":
+            window = int(event.sent_at.timestamp() // (rule.window_minutes * 60))
+            dedup = f"{rule.name}:{sender_id}:{window}"
+            summary += f" (over {rule.max_messages} in {rule.window_minutes:g} min)"
+        else:
+            dedup = f"{rule.name}:{event.event_id}"
+        line = to_e164(str(p.get("onoffUserNumber", "")), self._region)
+        description = (
+            f"{summary}. Rule {rule.name} ({rule.kind}): {p.get('smsDirection')} SMS, "
+            f"Onoff line {masked(line) if line else 'unknown'}, other party "
+            f"{masked(sender) if sender else 'not a phone number'}, sent "
+            f"{event.sent_at.isoformat()}. Event {event.event_id} "
+            f"({event.topic}/{event.partition}@{event.offset})."
+        )
+        now = datetime.now(UTC)
+        return Alert(
+            rule=rule,
+            event=event,
+            sender_id=sender_id,
+            dedup_key=hashlib.sha256(dedup.encode()).hexdigest()[:32],
+            summary=summary,
+            description=description,
+            starts_at=now,
+            ends_at=now + timedelta(minutes=rule.resolve_after_minutes),
+            body_excerpt=excerpt(str(p.get("body", ""))) if rule.include_body else None,
+        )
+
+    def _sender_id(self, sender: str) -> str:
+        return hmac.new(self._sender_key, sender.encode(), hashlib.sha256).hexdigest()[:16]
+
+    @staticmethod
+    def _burst_key(rule: AlertRule, sender_id: str) -> str:
+        return f"{rule.name}:{sender_id}"
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _alertmanager_alert(a: Alert) -> dict[str, Any]:
+    annotations = {
+        "summary": a.summary,
+        "description": a.description,
+        "runbook_url": "https://onoff-events.dev/docs/alert-rules#" + a.rule.kind,
+    }
+    if a.body_excerpt is not None:
+        annotations["body_excerpt"] = a.body_excerpt
+    return {
+        "labels": {
+            "alertname": "OnoffSmsRule",
+            "rule": a.rule.name,
+            "kind": a.rule.kind,
+            "severity": a.rule.severity,
+            "sender": a.sender_id,
+            "service": "onoff-events",
+        },
+        "annotations": annotations,
+        "startsAt": _rfc3339(a.starts_at),
+        "endsAt": _rfc3339(a.ends_at),
+    }
+
+
+def _slack_message(a: Alert) -> dict[str, Any]:
+    text = f":rotating_light: *{a.summary}* ({a.rule.severity})\n{a.description}"
+    if a.body_excerpt is not None:
+        text += f"\n> {a.body_excerpt}"
+    return {"text": text}
+
+
+def _pagerduty_event(a: Alert, routing_key: str) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "description": a.description,
+        "sender_id": a.sender_id,
+        "event_id": a.event.event_id,
+    }
+    if a.body_excerpt is not None:
+        details["body_excerpt"] = a.body_excerpt
+    return {
+        "routing_key": routing_key,
+        "event_action": "trigger",
+        "dedup_key": a.dedup_key,
+        "payload": {
+            "summary": f"{a.summary} [{a.rule.name}]"[:1024],
+            "source": "onoff-events",
+            "severity": a.rule.severity,
+            "timestamp": _rfc3339(a.event.sent_at),
+            "component": "sms",
+            "group": a.rule.name,
+            "class": a.rule.kind,
+            "custom_details": details,
+        },
+    }
+
+
+def alerts_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> AlertsSink:
+    region = phone_region(env)
+    rules_path = s.text(env, "ALERT_RULES_FILE", "")
+    if not rules_path:
+        raise SinkConfigError("ALERT_RULES_FILE: required (see docs/alert-rules.md)")
+    try:
+        rules = load_rules(Path(rules_path), lambda n: to_e164(n, region))
+    except RulesError as exc:
+        raise SinkConfigError(f"ALERT_RULES_FILE: {exc}") from None
+    metrics = TargetMetrics.create(registry)
+    available: dict[str, Any] = {"log": LogTarget}
+    needs = {
+        "alertmanager": "ALERTMANAGER_URL",
+        "slack": "SLACK_WEBHOOK_URL",
+        "pagerduty": "PAGERDUTY_ROUTING_KEY",
+    }
+    if env.get("ALERTMANAGER_URL"):
+        available["alertmanager"] = lambda: AlertmanagerTarget(env["ALERTMANAGER_URL"], metrics)
+    if env.get("SLACK_WEBHOOK_URL"):
+        available["slack"] = lambda: SlackTarget(env["SLACK_WEBHOOK_URL"], metrics)
+    if env.get("PAGERDUTY_ROUTING_KEY"):
+        available["pagerduty"] = lambda: PagerDutyTarget(
+            s.text(env, "PAGERDUTY_URL", "https://events.pagerduty.com"),
+            env["PAGERDUTY_ROUTING_KEY"],
+            metrics,
+        )
+    for rule in rules.rules:
+        for target in rule.targets:
+            if target not in available:
+                raise SinkConfigError(
+                    f"ALERT_RULES_FILE: rule {rule.name!r}: target "
+                    f"{target!r} needs {needs[target]} to be set"
+                )
+    state_url = s.text(env, "ALERT_STATE_URL", "") or s.text(
+        env, "DEDUPE_URL", "sqlite:///.data/alerts-state.sqlite3"
+    )
+    try:
+        burst = burst_store_from_url(state_url, s.text(env, "CONSUMER_GROUP", "onoff-alerts"))
+    except ValueError as exc:
+        raise SinkConfigError(f"ALERT_STATE_URL: {exc}") from None
+    return AlertsSink(
+        registry,
+        rules=rules,
+        targets={t: available[t]() for t in sorted(rules.targets)},
+        burst=burst,
+        region=region,
+        sender_key=env.get("ALERT_SENDER_KEY", "onoff-events").encode(),
+    )

@@ -1,0 +1,247 @@
+"""The CRM sink: every SMS logged as a communication on the right HubSpot contact.
+
+HubSpot CRM API v3, private-app token. Per batch: find the events already logged (a
+communication whose ``onoff_event_id`` property holds the event id: a consumer that crashed
+after creating it but before confirming it in the dedupe store must not log it twice), find
+the contacts by phone number in E.164 (one search per 100 numbers), create the contacts that
+are missing when ``CRM_UNKNOWN_CONTACT=create`` (else skip and count them), then create one
+communication per event, associated with its contact. Setup and limits: docs/crm.md.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC
+from typing import Any
+
+import orjson
+from aiolimiter import AsyncLimiter
+from prometheus_client import CollectorRegistry, Counter
+
+from consumers.phones import phone_region, to_e164
+from consumers.records import SmsRecord
+from consumers.sinks import SinkConfigError
+from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
+from onoff_events import settings as s
+
+log = logging.getLogger("consumers.crm")
+COMMUNICATION_TO_CONTACT = 81  # HubSpot-defined association type id
+SEARCH_PAGE = 100  # values per IN filter and results per page
+
+
+class CrmSink:
+    name = "crm"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        token: str,
+        base_url: str = "https://api.hubapi.com",
+        create_missing_contacts: bool = False,
+        default_region: str | None = "FR",
+        requests_per_10s: int = 90,
+        searches_per_second: int = 4,
+        event_id_property: str = "onoff_event_id",
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._create_missing = create_missing_contacts
+        self._region = default_region
+        self._id_property = event_id_property
+        # Buckets of one, paced evenly: any 10 s then holds at most requests_per_10s + 1
+        # requests (a bucket of N would allow 2N), and any second searches_per_second + 1.
+        self._searches = AsyncLimiter(1, 1 / searches_per_second)
+        self._api = JsonApi(
+            self.name,
+            "hubspot",
+            TargetMetrics.create(registry),
+            limiter=AsyncLimiter(1, 10 / requests_per_10s),
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        self._contacts_seen = Counter(
+            "onoff_consumer_crm_contacts",
+            "Contact look-ups per event, by outcome "
+            "(found, created, missing: skipped, unparseable_number: skipped).",
+            ["sink", "outcome"],
+            registry=registry,
+        )
+        # Ids logged by this process: a batch retried after a later failure skips them at
+        # once, without waiting for HubSpot's search index to show them.
+        self._logged: OrderedDict[str, str] = OrderedDict()
+        self._contact_cache: dict[str, str] = {}
+
+    async def start(self) -> None:
+        """Nothing to open: the first call makes the session."""
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+        pending = [e for e in events if e.event_id not in self._logged]
+        already = await self._already_logged([e.event_id for e in pending])
+        pending = [e for e in pending if e.event_id not in already]
+        numbers = {e.event_id: to_e164(e.payload["externalNumber"], self._region) for e in pending}
+        contacts = await self._find_contacts({n for n in numbers.values() if n is not None})
+        rejected: dict[str, str] = {}
+        for event in pending:
+            number = numbers[event.event_id]
+            if number is None:
+                self._contacts_seen.labels(self.name, "unparseable_number").inc()
+                continue
+            contact = contacts.get(number)
+            if contact is None and self._create_missing:
+                contact = await self._create_contact(event, number)
+                contacts[number] = contact
+                self._contacts_seen.labels(self.name, "created").inc()
+            elif contact is None:
+                self._contacts_seen.labels(self.name, "missing").inc()
+                continue
+            else:
+                self._contacts_seen.labels(self.name, "found").inc()
+            try:
+                communication = await self._log_sms(event, contact)
+            except RequestRejected as exc:
+                rejected[event.event_id] = str(exc)
+                continue
+            self._remember(event.event_id, communication)
+        return rejected
+
+    async def _already_logged(self, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(event_ids):
+            query = {"filterGroups": [{"filters": [
+                {"propertyName": self._id_property, "operator": "IN", "values": chunk}]}],
+                "properties": [self._id_property]}  # fmt: skip
+            for result in await self._search("communications", query):
+                found.add(result["properties"].get(self._id_property))
+        return found
+
+    async def _find_contacts(self, numbers: set[str]) -> dict[str, str]:
+        """E.164 number → contact id, for the contacts HubSpot has (phone or mobile)."""
+        known = {n: self._contact_cache[n] for n in numbers if n in self._contact_cache}
+        wanted = sorted(numbers - known.keys())
+        for chunk in _chunks(wanted, SEARCH_PAGE // 3):
+            # HubSpot matches stored text exactly: ask for the usual ways a number is typed.
+            variants = sorted({v for n in chunk for v in _spellings(n, self._region)})
+            query = {
+                "filterGroups": [
+                    {"filters": [{"propertyName": prop, "operator": "IN", "values": variants}]}
+                    for prop in ("phone", "mobilephone")
+                ],
+                "properties": ["phone", "mobilephone"],
+            }
+            for contact in await self._search("contacts", query):
+                for prop in ("phone", "mobilephone"):
+                    stored = contact["properties"].get(prop)
+                    number = to_e164(stored, self._region) if stored else None
+                    if number in chunk:
+                        known.setdefault(number, contact["id"])
+        self._contact_cache.update(known)
+        if len(self._contact_cache) > 50_000:
+            self._contact_cache.clear()
+        return known
+
+    async def _create_contact(self, event: SmsRecord, number: str) -> str:
+        first, _, last = (event.payload.get("externalName") or "").strip().partition(" ")
+        properties = {"phone": number, "firstname": first, "lastname": last}
+        email = event.payload.get("externalEmail")
+        if email:
+            properties["email"] = email
+        try:
+            _, data = await self._api.call(
+                "POST", f"{self._base}/crm/v3/objects/contacts", {"properties": properties}
+            )
+        except RequestRejected as exc:
+            if exc.status != 409 or not email:
+                raise
+            # The e-mail belongs to a contact whose number differs: log the SMS there.
+            query = {"filterGroups": [{"filters": [
+                {"propertyName": "email", "operator": "EQ", "value": email}]}]}  # fmt: skip
+            matches = await self._search("contacts", query)
+            if not matches:
+                raise
+            return str(matches[0]["id"])
+        return str(orjson.loads(data)["id"])
+
+    async def _log_sms(self, event: SmsRecord, contact: str) -> str:
+        body = {
+            "properties": {
+                "hs_communication_channel_type": "SMS",
+                "hs_communication_logged_from": "CRM",
+                "hs_communication_body": communication_body(event.payload),
+                "hs_timestamp": event.sent_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                self._id_property: event.event_id,
+            },
+            "associations": [{"to": {"id": contact}, "types": [
+                {"associationCategory": "HUBSPOT_DEFINED",
+                 "associationTypeId": COMMUNICATION_TO_CONTACT}]}],
+        }  # fmt: skip
+        _, data = await self._api.call("POST", f"{self._base}/crm/v3/objects/communications", body)
+        self._api.count_delivered()
+        return str(orjson.loads(data)["id"])
+
+    async def _search(self, object_type: str, query: dict[str, Any]) -> list[dict[str, Any]]:
+        url = f"{self._base}/crm/v3/objects/{object_type}/search"
+        results: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = {**query, "limit": SEARCH_PAGE, **({"after": after} if after else {})}
+            _, data = await self._api.call("POST", url, page, limiter=self._searches)
+            answer = orjson.loads(data)
+            results.extend(answer.get("results", []))
+            after = answer.get("paging", {}).get("next", {}).get("after")
+            if not after:
+                return results
+
+    def _remember(self, event_id: str, communication: str) -> None:
+        self._logged[event_id] = communication
+        if len(self._logged) > 100_000:
+            self._logged.popitem(last=False)
+
+
+def communication_body(payload: Mapping[str, Any]) -> str:
+    """The communication's text (HubSpot renders it as HTML): who, which way, the message."""
+    received = payload.get("smsDirection") == "RECEIVED"
+    way = "Inbound SMS from" if received else "Outbound SMS to"
+    external = html.escape(str(payload.get("externalNumber", "")))
+    line = html.escape(str(payload.get("onoffUserNumber", "")))
+    user = html.escape(str(payload.get("onoffUserName", "")))
+    text = html.escape(str(payload.get("body", ""))).replace("\n", "<br>")
+    return f"<p><b>{way} {external}</b> (Onoff line {line}, {user})</p><p>{text}</p>"
+
+
+def _spellings(e164: str, region: str | None) -> Iterable[str]:
+    import phonenumbers  # noqa: PLC0415
+
+    number = phonenumbers.parse(e164, None)
+    yield e164
+    yield phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    if region and phonenumbers.region_code_for_number(number) == region:
+        national = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+        yield national
+        yield national.replace(" ", "")
+
+
+def _chunks(items: Sequence[str], size: int = SEARCH_PAGE) -> list[list[str]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def crm_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> CrmSink:
+    token = env.get("HUBSPOT_TOKEN", "").strip()
+    if not token:
+        raise SinkConfigError("HUBSPOT_TOKEN: required (a HubSpot private-app access token)")
+    unknown = s.choice(env, "CRM_UNKNOWN_CONTACT", "skip", frozenset({"skip", "create"}))
+    region = phone_region(env)
+    return CrmSink(
+        registry,
+        token=token,
+        base_url=s.text(env, "HUBSPOT_BASE_URL", "https://api.hubapi.com"),
+        create_missing_contacts=unknown == "create",
+        default_region=region,
+        requests_per_10s=s.number(env, "CRM_REQUESTS_PER_10S", 90, int, minimum=1, maximum=1900),
+        searches_per_second=s.number(env, "CRM_SEARCHES_PER_SECOND", 4, int, minimum=1, maximum=50),
+        event_id_property=s.text(env, "CRM_EVENT_ID_PROPERTY", "onoff_event_id"),
+    )
