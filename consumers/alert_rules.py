@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,9 @@ def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: 
             # Opt-outs are what the other party sends us; an opt-out we send is no signal.
             directions = frozenset({"RECEIVED"})
         return replace(
-            rule, words=tuple(w.strip().casefold() for w in words), directions=directions
+            rule,
+            words=tuple(" ".join(_WORD.findall(_fold(w))) for w in words),
+            directions=directions,
         )
     if rule.kind == "regex":
         pattern = entry.get("pattern")
@@ -200,18 +203,26 @@ def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def _fold(text: str) -> str:
+    """Case and accents folded: ARRÊT, Arrêt and arret are one word."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
 def stateless_matches(
     rules: Iterable[Rule], body: str, direction: str, sender: str | None
 ) -> list[Rule]:
     """Rules other than burst that this message matches. ``sender`` is the external number
     in E.164 (None when it cannot be read)."""
-    words = {w.casefold() for w in _WORD.findall(body)}
+    words = set(_WORD.findall(_fold(body)))
     return [r for r in rules if direction in r.directions and _matches(r, body, words, sender)]
 
 
 def _matches(rule: Rule, body: str, words: set[str], sender: str | None) -> bool:
     if rule.kind == "keyword":
-        return any(w in words for w in rule.words)
+        # A word matches whole words; a phrase matches its words in a row, spacing ignored.
+        flat = " ".join(_WORD.findall(_fold(body)))
+        return any((w in words) if " " not in w else (f" {w} " in f" {flat} ") for w in rule.words)
     if rule.kind == "opt_out":
         return _is_opt_out(body, rule.words)
     if rule.kind == "regex":
@@ -223,12 +234,29 @@ def _matches(rule: Rule, body: str, words: set[str], sender: str | None) -> bool
 
 def _is_opt_out(body: str, words: Sequence[str]) -> bool:
     # "STOP", "Stop.", "stop please": the first word decides, as carriers treat opt-outs.
-    first = _WORD.findall(body[:64])
-    return bool(first) and first[0].casefold() in words
+    first = _WORD.findall(_fold(body[:64]))
+    return bool(first) and first[0] in words
+
+
+def burst_peak(times: Sequence[float], at: float, window: float) -> tuple[int, float]:
+    """The busiest window of length ``window`` that contains the message at ``at``: how many
+    messages it holds, and when it ends (at one of the messages).
+
+    Messages reach the consumer in partition order, not time order (partitions are keyed by
+    event id), so the window that a late-processed message completes may end after it.
+    """
+    ordered = sorted(times)
+    best, best_end, start = 0, at, 0
+    for end_index, end in enumerate(ordered):
+        while ordered[start] <= end - window:
+            start += 1
+        if at <= end < at + window and end_index - start + 1 > best:
+            best, best_end = end_index - start + 1, end
+    return best, best_end
 
 
 def burst_fires(count_in_window: int, rule: Rule) -> bool:
-    """The burst rule fires when a message makes the count pass ``max_messages``."""
+    """The burst rule fires when a window holds more than ``max_messages``."""
     return count_in_window > rule.max_messages
 
 

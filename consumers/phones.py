@@ -33,9 +33,12 @@ def to_e164(raw: str, default_region: str | None) -> str | None:
 
 def masked(e164: str) -> str:
     """A number as on-call people may see it: country code and last two digits."""
-    if len(e164) < 6:
+    try:
+        country = f"+{phonenumbers.parse(e164, None).country_code}"
+    except phonenumbers.NumberParseException:
         return "•••"
-    return f"{e164[:3]}{'•' * (len(e164) - 5)}{e164[-2:]}"
+    hidden = len(e164) - len(country) - 2
+    return f"{country}{'•' * hidden}{e164[-2:]}" if hidden > 0 else "•••"
 
 
 def phone_region(env: Mapping[str, str]) -> str | None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: a local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), the
-# topics, the gateway with a development API key, and the consumers on embedded defaults
-# (DuckDB warehouse in .data/warehouse.duckdb, SQLite dedupe; WAREHOUSE_URL and DEDUPE_URL
-# override them). Everything in the foreground; Ctrl-C stops all.
+# topics, the gateway with a development API key, and the consumers on embedded defaults:
+# warehouse (DuckDB in .data/warehouse.duckdb, SQLite dedupe; WAREHOUSE_URL and DEDUPE_URL
+# override them), alerts (config/alert-rules.example.toml to the log, or ALERT_RULES_FILE),
+# and crm only when HUBSPOT_TOKEN is set. Everything in the foreground; Ctrl-C stops all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
@@ -26,7 +27,7 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-"$bin/python" -m onoff_events.topics warehouse
+"$bin/python" -m onoff_events.topics warehouse crm alerts
 
 # A development key, made once and kept in .data (ignored by git), unless keys are given.
 if [ -z "${GATEWAY_API_KEYS:-}" ]; then
@@ -49,8 +50,15 @@ MSG
 
 "$bin/python" -m gateway &
 pids+=($!)
-CONSUMER_PORT=${WAREHOUSE_CONSUMER_PORT:-8081} "$bin/python" -m consumers warehouse &
+CONSUMER_PORT=8081 "$bin/python" -m consumers warehouse &
 pids+=($!)
-echo "run: warehouse consumer metrics on http://127.0.0.1:${WAREHOUSE_CONSUMER_PORT:-8081}/metrics" >&2
+CONSUMER_PORT=8082 ALERT_RULES_FILE=${ALERT_RULES_FILE:-config/alert-rules.example.toml} \
+  "$bin/python" -m consumers alerts &
+pids+=($!)
+if [ -n "${HUBSPOT_TOKEN:-}" ]; then
+  CONSUMER_PORT=8083 "$bin/python" -m consumers crm &
+  pids+=($!)
+fi
+echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8082 (alerts)${HUBSPOT_TOKEN:+, :8083 (crm)}" >&2
 # Wait for any service to end (Ctrl-C lands in the trap above).
 wait -n "${pids[@]}" || true

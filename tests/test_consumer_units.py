@@ -160,3 +160,11 @@ async def test_sqlite_dedupe_keeps_consumer_groups_apart(tmp_path: Path) -> None
     finally:
         await warehouse.close()
         await crm.close()
+
+
+def test_masked_numbers_keep_the_country_code_and_two_digits() -> None:
+    from consumers.phones import masked  # noqa: PLC0415
+
+    assert masked("+33612345678") == "+33•••••••78"
+    assert masked("+14155550123") == "+1••••••••23"
+    assert masked("not a number") == "•••"

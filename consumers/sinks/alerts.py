@@ -25,6 +25,7 @@ from consumers.alert_rules import (
     RulesError,
     RuleSet,
     burst_fires,
+    burst_peak,
     excerpt,
     load_rules,
     stateless_matches,
@@ -134,7 +135,7 @@ class PagerDutyTarget:
         self._url = base_url.rstrip("/") + "/v2/enqueue"
         self._routing_key = routing_key
         # PagerDuty allows about 120 events a minute per integration key.
-        self._api = JsonApi("alerts", self.name, metrics, limiter=AsyncLimiter(1, 0.5))
+        self._api = JsonApi("alerts", self.name, metrics, limiter=AsyncLimiter(1, 0.55))
 
     async def send(self, alerts: Sequence[Alert]) -> None:
         for a in alerts:
@@ -172,6 +173,7 @@ class AlertsSink:
         # (dedup key, target) already sent by this process: a batch retried after another
         # target failed does not post a second Slack message.
         self._sent: dict[tuple[str, str], None] = {}
+        self._firing_ends: dict[str, float] = {}
 
     async def start(self) -> None:
         """Targets connect on first use."""
@@ -185,12 +187,11 @@ class AlertsSink:
         alerts = await self._alerts_for(events)
         rejected: dict[str, str] = {}
         for name, target in self._targets.items():
+            # A refusal by one target never keeps the alert from the others.
             todo = [
                 a
                 for a in alerts
-                if name in a.rule.targets
-                and (a.dedup_key, name) not in self._sent
-                and a.event.event_id not in rejected
+                if name in a.rule.targets and (a.dedup_key, name) not in self._sent
             ]
             for alert in todo:
                 try:
@@ -204,9 +205,11 @@ class AlertsSink:
         for alert in alerts:
             if alert.rule.kind == "burst":
                 window = alert.rule.window_minutes * 60
+                # Quiet for one window after the busy one: the same burst never fires twice.
+                end = self._firing_ends.get(self._burst_key(alert.rule, alert.sender_id), 0.0)
                 await self._burst.mark_fired(
                     self._burst_key(alert.rule, alert.sender_id),
-                    alert.event.sent_at.timestamp() + window,
+                    max(end, alert.event.sent_at.timestamp()) + window,
                     window,
                 )
             self._matched.labels(self.name, alert.rule.name).inc()
@@ -216,7 +219,7 @@ class AlertsSink:
 
     async def _alerts_for(self, events: Sequence[SmsRecord]) -> list[Alert]:
         alerts: list[Alert] = []
-        firing: set[str] = set()  # burst keys that fire in this batch: the first event only
+        firing: dict[str, float] = {}  # burst key → end of the busy window, first event only
         for event in events:
             p = event.payload
             sender = to_e164(str(p.get("externalNumber", "")), self._region)
@@ -228,15 +231,17 @@ class AlertsSink:
                     continue
                 key = self._burst_key(rule, sender_id)
                 at, window = event.sent_at.timestamp(), rule.window_minutes * 60
-                count = await self._burst.count(key, event.event_id, at, window)
+                times = await self._burst.record(key, event.event_id, at, window)
+                count, window_end = burst_peak(times, at, window)
                 if (
                     burst_fires(count, rule)
                     and key not in firing
-                    and at >= await self._burst.fired_until(key)
+                    and window_end >= await self._burst.fired_until(key)
                 ):
-                    firing.add(key)
+                    firing[key] = window_end
                     matched.append(rule)
             alerts.extend(self._alert(rule, event, sender, sender_id) for rule in matched)
+        self._firing_ends = firing
         return alerts
 
     def _alert(
@@ -307,9 +312,14 @@ def _alertmanager_alert(a: Alert) -> dict[str, Any]:
 
 
 def _slack_message(a: Alert) -> dict[str, Any]:
-    text = f":rotating_light: *{a.summary}* ({a.rule.severity})\n{a.description}"
+    # Slack's mrkdwn control characters, escaped as Slack documents: a message saying
+    # "<!channel>" must not notify the channel.
+    def escape(text: str) -> str:
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    text = f":rotating_light: *{escape(a.summary)}* ({a.rule.severity})\n{escape(a.description)}"
     if a.body_excerpt is not None:
-        text += f"\n> {a.body_excerpt}"
+        text += f"\n> {escape(a.body_excerpt)}"
     return {"text": text}
 
 
@@ -378,6 +388,13 @@ def alerts_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> Aler
         burst = burst_store_from_url(state_url, s.text(env, "CONSUMER_GROUP", "onoff-alerts"))
     except ValueError as exc:
         raise SinkConfigError(f"ALERT_STATE_URL: {exc}") from None
+    if not env.get("ALERT_SENDER_KEY"):
+        log_event(
+            log,
+            "alert_sender_key_default",
+            logging.WARNING,
+            detail="set ALERT_SENDER_KEY: sender ids use a public default key",
+        )
     return AlertsSink(
         registry,
         rules=rules,

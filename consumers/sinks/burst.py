@@ -26,18 +26,22 @@ from consumers.sinks import TransientSinkError
 
 T = TypeVar("T")
 
-# KEYS[1] the sender's set; ARGV: event time (s), event id, window start (s), ttl (ms)
-_COUNT = """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+# KEYS[1] the sender's set; ARGV: event time, event id, window (s), ttl (ms). Returns the
+# times of the sender's messages within one window either side of the event.
+_RECORD = """
+local at, window = tonumber(ARGV[1]), tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], at, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (at - 2 * window))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[3], ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (at - window), '(' .. (at + window),
+                  'WITHSCORES')
 """
 
 
 class BurstStore(Protocol):
-    async def count(self, key: str, event_id: str, at: float, window: float) -> int:
-        """Record the message; return how many of the key's messages fall in (at-window, at]."""
+    async def record(self, key: str, event_id: str, at: float, window: float) -> list[float]:
+        """Record the message (once per event id); return the times of the key's messages
+        in (at - window, at + window): every window that contains this message."""
         ...
 
     async def fired_until(self, key: str) -> float:
@@ -53,18 +57,17 @@ class RedisBurstStore:
     def __init__(self, url: str, namespace: str) -> None:
         self._client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
         self._prefix = f"onoff:burst:{namespace}:"
-        self._count = self._client.register_script(_COUNT)
+        self._record = self._client.register_script(_RECORD)
 
-    async def count(self, key: str, event_id: str, at: float, window: float) -> int:
-        ttl_ms = int(window * 2000) + 60_000
+    async def record(self, key: str, event_id: str, at: float, window: float) -> list[float]:
+        ttl_ms = int(window * 3000) + 60_000
         try:
-            return int(
-                await self._count(
-                    keys=[self._prefix + key], args=[at, event_id, at - window, ttl_ms]
-                )
+            flat = await self._record(
+                keys=[self._prefix + key], args=[repr(at), event_id, repr(window), ttl_ms]
             )
         except (RedisError, OSError) as exc:
             raise TransientSinkError(f"burst state: {type(exc).__name__}") from exc
+        return [float(score) for score in flat[1::2]]
 
     async def fired_until(self, key: str) -> float:
         try:
@@ -100,20 +103,20 @@ class SqliteBurstStore:
         self._prefix = namespace + ":"
         self._lock = asyncio.Lock()
 
-    async def count(self, key: str, event_id: str, at: float, window: float) -> int:
-        def work() -> int:
+    async def record(self, key: str, event_id: str, at: float, window: float) -> list[float]:
+        def work() -> list[float]:
             k = self._prefix + key
             self._db.execute(
                 "INSERT OR IGNORE INTO burst_messages VALUES (?, ?, ?)", (k, event_id, at)
             )
             self._db.execute(
-                "DELETE FROM burst_messages WHERE key = ? AND at <= ?", (k, at - 2 * window)
+                "DELETE FROM burst_messages WHERE key = ? AND at < ?", (k, at - 2 * window)
             )
-            row = self._db.execute(
-                "SELECT count(*) FROM burst_messages WHERE key = ? AND at > ? AND at <= ?",
-                (k, at - window, at),
-            ).fetchone()
-            return int(row[0])
+            rows = self._db.execute(
+                "SELECT at FROM burst_messages WHERE key = ? AND at > ? AND at < ?",
+                (k, at - window, at + window),
+            ).fetchall()
+            return [float(r[0]) for r in rows]
 
         return await self._run(work)
 

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from consumers.phones import phone_region, to_e164
 from consumers.records import SmsRecord
-from consumers.sinks import SinkConfigError
+from consumers.sinks import SinkConfigError, TransientSinkError
 from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
 from onoff_events import settings as s
 
@@ -93,8 +93,12 @@ class CrmSink:
                 continue
             contact = contacts.get(number)
             if contact is None and self._create_missing:
-                contact = await self._create_contact(event, number)
-                contacts[number] = contact
+                try:
+                    contact = await self._create_contact(event, number)
+                except RequestRejected as exc:  # e.g. an e-mail HubSpot will not store
+                    rejected[event.event_id] = f"contact: {exc}"
+                    continue
+                contacts[number] = self._contact_cache[number] = contact
                 self._contacts_seen.labels(self.name, "created").inc()
             elif contact is None:
                 self._contacts_seen.labels(self.name, "missing").inc()
@@ -123,7 +127,8 @@ class CrmSink:
         """E.164 number → contact id, for the contacts HubSpot has (phone or mobile)."""
         known = {n: self._contact_cache[n] for n in numbers if n in self._contact_cache}
         wanted = sorted(numbers - known.keys())
-        for chunk in _chunks(wanted, SEARCH_PAGE // 3):
+        # Four spellings per number: 25 numbers keep an IN filter at 100 values.
+        for chunk in _chunks(wanted, SEARCH_PAGE // 4):
             # HubSpot matches stored text exactly: ask for the usual ways a number is typed.
             variants = sorted({v for n in chunk for v in _spellings(n, self._region)})
             query = {
@@ -189,7 +194,12 @@ class CrmSink:
         after: str | None = None
         while True:
             page = {**query, "limit": SEARCH_PAGE, **({"after": after} if after else {})}
-            _, data = await self._api.call("POST", url, page, limiter=self._searches)
+            try:
+                _, data = await self._api.call("POST", url, page, limiter=self._searches)
+            except RequestRejected as exc:
+                # A search speaks for the whole batch: no single event to set aside. Retry
+                # with backoff (visible in metrics and logs) rather than skip anything.
+                raise TransientSinkError(f"hubspot search refused: {exc}") from exc
             answer = orjson.loads(data)
             results.extend(answer.get("results", []))
             after = answer.get("paging", {}).get("next", {}).get("after")
@@ -241,7 +251,7 @@ def crm_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> CrmSink
         base_url=s.text(env, "HUBSPOT_BASE_URL", "https://api.hubapi.com"),
         create_missing_contacts=unknown == "create",
         default_region=region,
-        requests_per_10s=s.number(env, "CRM_REQUESTS_PER_10S", 90, int, minimum=1, maximum=1900),
-        searches_per_second=s.number(env, "CRM_SEARCHES_PER_SECOND", 4, int, minimum=1, maximum=50),
+        requests_per_10s=s.number(env, "CRM_REQUESTS_PER_10S", 90, int, minimum=1, maximum=190),
+        searches_per_second=s.number(env, "CRM_SEARCHES_PER_SECOND", 4, int, minimum=1, maximum=5),
         event_id_property=s.text(env, "CRM_EVENT_ID_PROPERTY", "onoff_event_id"),
     )

@@ -1,0 +1,298 @@
+"""The alerts sink against a real Alertmanager and local servers that implement Slack's and
+PagerDuty's documented APIs, with real Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from onoff_events.logs import JsonFormatter, quiet_libraries
+from tests.conftest import ROOT, wait_until
+from tests.consumer_harness import InProcessConsumer, consumer_env, make_topics, publish
+from tests.fakes.pagerduty import DEFAULT_ROUTING_KEY, FakePagerDuty
+from tests.fakes.slack import FakeSlack
+from tests.payloads import sms_event
+
+SENDER = "+33611223344"
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    fake = FakeSlack()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def pagerduty() -> AsyncIterator[FakePagerDuty]:
+    fake = FakePagerDuty()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+def write_rules(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+async def alertmanager_alerts(url: str, rule: str) -> list[dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/api/v2/alerts", params={"filter": f'rule="{rule}"'}) as response,
+    ):
+        assert response.status == 200
+        alerts: list[dict[str, Any]] = await response.json()
+        return alerts
+
+
+def alerts_env(
+    bootstrap: str, topic: str, tmp_path: Path, rules: Path, **extra: str
+) -> dict[str, str]:
+    settings = {
+        "ALERT_RULES_FILE": str(rules),
+        "DEDUPE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        **extra,
+    }
+    return consumer_env(bootstrap, topic, **settings)
+
+
+async def test_same_id_five_times_is_one_alert_per_rule_and_target(
+    kafka_bootstrap: str,
+    alertmanager_url: str,
+    slack: FakeSlack,
+    pagerduty: FakePagerDuty,
+    tmp_path: Path,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    rules = write_rules(
+        tmp_path / "rules.toml",
+        f"""
+[[rule]]
+name = "urgent-{tag}"
+kind = "keyword"
+words = ["urgent"]
+targets = ["alertmanager", "slack", "pagerduty"]
+severity = "critical"
+include_body = true
+
+[[rule]]
+name = "stop-{tag}"
+kind = "opt_out"
+targets = ["alertmanager", "log"]
+""",
+    )
+    topic = await make_topics(kafka_bootstrap, sink="alerts")
+    urgent = sms_event(
+        body="URGENT: the server room is flooding", externalNumber=SENDER, smsDirection="RECEIVED"
+    )
+    opt_out = sms_event(body="STOP", externalNumber="+33655443322", smsDirection="RECEIVED")
+    quiet = sms_event(body="see you tomorrow", externalNumber=SENDER)
+    env = alerts_env(
+        kafka_bootstrap,
+        topic,
+        tmp_path,
+        rules,
+        ALERTMANAGER_URL=alertmanager_url,
+        SLACK_WEBHOOK_URL=slack.webhook_url(),
+        PAGERDUTY_URL=pagerduty.base_url,
+        PAGERDUTY_ROUTING_KEY=DEFAULT_ROUTING_KEY,
+    )
+    async with InProcessConsumer(env, sink_name="alerts") as consumer:
+        await publish(kafka_bootstrap, topic, [urgent] * 5 + [opt_out] * 5 + [quiet])
+        await wait_until(
+            lambda: consumer.metric("onoff_consumer_events_consumed_total") == 11,
+            30,
+            "11 records consumed",
+        )
+        await wait_until(
+            lambda: (
+                consumer.metric("onoff_consumer_commits_total") >= 1
+                and consumer.metric("onoff_consumer_lag_records") == 0
+            ),
+            20,
+            "caught up",
+        )
+        await asyncio.sleep(1.5)  # Slack is paced at one message a second: any extra shows now
+        assert (
+            consumer.metric("onoff_consumer_alert_rules_matched_total", rule=f"urgent-{tag}") == 1
+        )
+        assert consumer.metric("onoff_consumer_alert_rules_matched_total", rule=f"stop-{tag}") == 1
+
+    [am_urgent] = await alertmanager_alerts(alertmanager_url, f"urgent-{tag}")
+    [am_stop] = await alertmanager_alerts(alertmanager_url, f"stop-{tag}")
+    assert am_urgent["labels"]["severity"] == "critical"
+    assert am_urgent["labels"]["kind"] == "keyword"
+    assert re.fullmatch(r"[0-9a-f]{16}", am_urgent["labels"]["sender"])
+    assert am_urgent["labels"]["sender"] != am_stop["labels"]["sender"]
+    assert am_urgent["annotations"]["body_excerpt"] == "URGENT: the server room is flooding"
+    assert "body_excerpt" not in am_stop["annotations"]  # include_body defaults to false
+    assert SENDER not in str(am_urgent)  # the number is masked: +33•••••••44
+    assert am_urgent["endsAt"] > am_urgent["startsAt"]
+
+    assert len(slack.messages) == 1
+    assert "URGENT: the server room" in slack.messages[0].payload["text"]
+    assert len(pagerduty.events) == 1
+    assert pagerduty.events[0]["payload"]["severity"] == "critical"
+    assert pagerduty.open_incident(pagerduty.events[0]["dedup_key"]) is not None
+
+
+async def test_burst_fires_once_at_the_threshold_also_after_the_partition_moves(
+    kafka_bootstrap: str,
+    redis_url: str,
+    pagerduty: FakePagerDuty,
+    slack: FakeSlack,
+    tmp_path: Path,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    rules = write_rules(
+        tmp_path / "rules.toml",
+        f"""
+[[rule]]
+name = "burst-{tag}"
+kind = "burst"
+max_messages = 3
+window_minutes = 10
+targets = ["pagerduty", "slack"]
+""",
+    )
+    topic = await make_topics(kafka_bootstrap, sink="alerts")
+
+    def message(minute: int, second: int = 0) -> dict[str, Any]:
+        return sms_event(
+            externalNumber=SENDER,
+            smsDirection="RECEIVED",
+            date=f"2024-03-01T10:{minute:02d}:{second:02d}Z",
+        )
+
+    env = alerts_env(
+        kafka_bootstrap,
+        topic,
+        tmp_path,
+        rules,
+        DEDUPE_URL=redis_url,
+        SLACK_WEBHOOK_URL=slack.webhook_url(),
+        PAGERDUTY_URL=pagerduty.base_url,
+        PAGERDUTY_ROUTING_KEY=DEFAULT_ROUTING_KEY,
+    )
+    async with InProcessConsumer(env, sink_name="alerts") as first:
+        await publish(kafka_bootstrap, topic, [message(0), message(1), message(2)])
+        await wait_until(
+            lambda: first.metric("onoff_consumer_events_delivered_total") == 3, 30, "three messages"
+        )
+        assert pagerduty.events == []  # at the limit, not past it
+        await publish(kafka_bootstrap, topic, [message(3)])  # the 4th within 10 min: fires
+        await wait_until(lambda: len(pagerduty.events) == 1, 30, "the burst alert")
+        await publish(kafka_bootstrap, topic, [message(4)])
+        await wait_until(
+            lambda: first.metric("onoff_consumer_events_delivered_total") == 5, 30, "five messages"
+        )
+    # Another consumer of the same group now owns every partition.
+    async with InProcessConsumer(env, sink_name="alerts") as second:
+        await publish(kafka_bootstrap, topic, [message(5), message(6), message(9, 59)])
+        await wait_until(
+            lambda: second.metric("onoff_consumer_events_delivered_total") == 3,
+            30,
+            "three more messages",
+        )
+        await asyncio.sleep(1)
+        assert len(pagerduty.events) == 1  # still within the window: no second alert
+        # Twenty minutes on, a new burst of four fires again.
+        await publish(kafka_bootstrap, topic, [message(20), message(21), message(22), message(23)])
+        await wait_until(lambda: len(pagerduty.events) == 2, 30, "the next window's alert")
+    assert len(slack.messages) == 2
+    keys = {e["dedup_key"] for e in pagerduty.events}
+    assert len(keys) == 2
+
+
+def test_bad_rules_stop_the_service_at_start_with_a_clear_error(tmp_path: Path) -> None:
+    cases = {
+        "[[rule]]\nname = 'x'\nkind = 'keyword'\n": "rule 'x': 'words' must be a non-empty list",
+        "[[rule]]\nname = 'y'\nkind = 'opt_out'\ntargets = ['slack']\n": (
+            "rule 'y': target 'slack' needs SLACK_WEBHOOK_URL"
+        ),
+        "[[rule\n": "not valid TOML",
+    }
+    for text, message in cases.items():
+        rules = write_rules(tmp_path / "rules.toml", text)
+        done = subprocess.run(
+            [sys.executable, "-m", "consumers", "alerts"],
+            cwd=ROOT,
+            capture_output=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "ALERT_RULES_FILE": str(rules),
+                "DEDUPE_URL": f"sqlite:///{tmp_path}/s.sqlite3",
+            },
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "invalid setting: ALERT_RULES_FILE" in done.stderr.decode()
+        assert message in done.stderr.decode()
+
+
+async def test_no_body_number_or_email_in_logs_or_labels_even_on_errors(
+    kafka_bootstrap: str, slack: FakeSlack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = write_rules(
+        tmp_path / "rules.toml",
+        """
+[[rule]]
+name = "secret"
+kind = "keyword"
+words = ["password"]
+targets = ["slack", "log"]
+""",
+    )
+    topic = await make_topics(kafka_bootstrap, sink="alerts")
+    event = sms_event(
+        body="my password is hunter2",
+        externalNumber=SENDER,
+        onoffUserEmail="alice@example.com",
+        onoffUserNumber="+33699887766",
+    )
+    slack.fail_next(3, 500)
+    quiet_libraries()
+    caplog.set_level(logging.DEBUG)
+    env = alerts_env(kafka_bootstrap, topic, tmp_path, rules, SLACK_WEBHOOK_URL=slack.webhook_url())
+    async with InProcessConsumer(env, sink_name="alerts") as consumer:
+        await publish(kafka_bootstrap, topic, [event, b"\x00 not json +33611223344"])
+        await wait_until(lambda: len(slack.messages) == 1, 30, "the alert after 3 errors")
+        await wait_until(lambda: consumer.metric("onoff_consumer_dlq_events_total") == 1, 20, "DLQ")
+        labels = [
+            value
+            for family in consumer.registry.collect()
+            for sample in family.samples
+            for value in sample.labels.values()
+        ]
+    lines = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert '"event":"retrying"' in lines
+    assert '"event":"alert"' in lines
+    for secret in (
+        "hunter2",
+        "password is",
+        SENDER,
+        "611223344",
+        "alice@example.com",
+        "699887766",
+        event["id"],
+    ):
+        assert secret not in lines, secret
+        assert all(secret not in value for value in labels), secret
+    logging.getLogger("aiokafka").setLevel(logging.NOTSET)
