@@ -195,7 +195,7 @@ class CrmSink:
         while True:
             page = {**query, "limit": SEARCH_PAGE, **({"after": after} if after else {})}
             try:
-                _, data = await self._api.call("POST", url, page, limiter=self._searches)
+                _, data = await self._api.call("POST", url, page, also_limited_by=self._searches)
             except RequestRejected as exc:
                 # A search speaks for the whole batch: no single event to set aside. Retry
                 # with backoff (visible in metrics and logs) rather than skip anything.

@@ -110,14 +110,18 @@ class JsonApi:
             await session.close()
 
     async def call(
-        self, method: str, url: str, body: Any, limiter: AsyncLimiter | None = None
+        self, method: str, url: str, body: Any, also_limited_by: AsyncLimiter | None = None
     ) -> tuple[int, bytes]:
-        """Send ``body`` as JSON; return (status, body bytes) of a 2xx answer, else raise."""
+        """Send ``body`` as JSON; return (status, body bytes) of a 2xx answer, else raise.
+
+        Every request waits for the API's limiter; ``also_limited_by`` adds a stricter one
+        for endpoints with a limit of their own (HubSpot's searches count toward both)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         payload = orjson.dumps(body)
         for attempt in range(MAX_RATE_LIMITED_TRIES):
-            await self._wait_for(limiter or self._limiter)
+            await self._wait_for(self._limiter)
+            await self._wait_for(also_limited_by)
             try:
                 async with self._session.request(method, url, data=payload) as response:
                     data = await response.read()
