@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint kafka-fetch services-install kafka-start kafka-stop clean help
+.PHONY: run test lint bench bench-quick kafka-fetch services-install kafka-start kafka-stop clean help
 
 help:
 	@sed -n '1,5p' Makefile
@@ -37,6 +37,21 @@ lint: $(STAMP)
 
 test: $(STAMP) kafka-fetch services-install lint
 	$(BIN)/pytest
+
+# Benchmarks (not part of make test): every scenario side by side in one run, results in
+# bench/results/. bench-quick is a one-minute smoke run with no thresholds.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) kafka-fetch services-install
+	@scripts/bench-tools.sh
+	$(BIN)/python -m bench.run
+
+bench-quick: $(BENCH_STAMP) kafka-fetch services-install
+	@scripts/bench-tools.sh
+	$(BIN)/python -m bench.run --quick
 
 kafka-start: kafka-fetch
 	@scripts/kafka.sh start

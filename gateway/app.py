@@ -42,6 +42,9 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 
 
+_ACCEPTED = orjson.dumps({"status": "accepted"})
+
+
 def _json(
     status: int, body: dict[str, object], headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -91,8 +94,8 @@ class SmsWebhook:
                     self._headers.build(verdict.event_id, verdict.date, received_at, label),
                     self._settings.publish_timeout_seconds,
                 )
-                self._metrics.accepted_events.labels(label).inc()
-                return _json(200, {"status": "accepted"})
+                self._metrics.count_accepted(label)
+                return web.Response(body=_ACCEPTED, content_type="application/json")
             key, value, headers = quarantine_message(
                 verdict, received_at, label, self._settings.ce_source
             )
@@ -167,8 +170,7 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         status = response.status
         return response
     finally:
-        metrics.http_requests.labels(route, request.method, str(status)).inc()
-        metrics.http_request_duration.labels(route).observe(time.perf_counter() - started)
+        metrics.observe_request(route, request.method, status, time.perf_counter() - started)
 
 
 async def _healthz(_: web.Request) -> web.Response:

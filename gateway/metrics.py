@@ -6,7 +6,8 @@ never an event id, a number, an e-mail or a body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -45,6 +46,34 @@ class GatewayMetrics:
     publish_failures: Counter
     producer_connected: Gauge
     producer_restarts: Counter
+    # Labelled children by label values: .labels() takes a lock and builds a key on every
+    # call, which shows on the request path's profile.
+    _children: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = ("request", route, method, status)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (
+                self.http_requests.labels(route, method, str(status)),
+                self.http_request_duration.labels(route),
+            )
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def observe_publish(self, topic: str, seconds: float) -> None:
+        key = ("publish", topic)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.publish_duration.labels(topic)
+        child.observe(seconds)
+
+    def count_accepted(self, key_label: str) -> None:
+        key = ("accepted", key_label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.accepted_events.labels(key_label)
+        child.inc()
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:

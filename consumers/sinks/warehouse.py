@@ -219,9 +219,15 @@ class DuckDbWarehouse:
         self._db: Any = None
         self._lock = asyncio.Lock()  # one statement at a time on the connection
         self._deliveries = asyncio.Lock()  # one batch at a time
-        placeholders = ", ".join("?" for _ in COLUMNS)
+        # One statement per batch: each column is a list parameter, unnested side by side
+        # (DuckDB's executemany runs one insert per row, about 500 times slower).
+        casts = {"sent_at": "::TIMESTAMPTZ", "received_at": "::TIMESTAMPTZ", "payload": "::JSON",
+                 "kafka_partition": "::INTEGER", "kafka_offset": "::BIGINT"}  # fmt: skip
+        columns = ", ".join(
+            f"unnest(${i}::VARCHAR[]){casts.get(c, '')}" for i, c in enumerate(COLUMNS, 1)
+        )
         self._insert = (
-            f"INSERT INTO sms_events ({', '.join(COLUMNS)}) VALUES ({placeholders}) "  # noqa: S608
+            f"INSERT INTO sms_events ({', '.join(COLUMNS)}) SELECT * FROM (SELECT {columns}) "  # noqa: S608
             "ON CONFLICT (id) DO NOTHING"
         )
 
@@ -273,13 +279,10 @@ class DuckDbWarehouse:
             return rejected
 
     def _insert_all(self, rows: list[tuple[Any, ...]]) -> None:
-        self._db.execute("BEGIN TRANSACTION")
-        try:
-            self._db.executemany(self._insert, rows)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        columns = [
+            [None if v is None else str(v) for v in column] for column in zip(*rows, strict=True)
+        ]
+        self._db.execute(self._insert, columns)
 
     async def close(self) -> None:
         if self._db is not None:
