@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick kafka-fetch services-install kafka-start kafka-stop clean help
+.PHONY: run test lint bench bench-quick kafka-fetch services-install deploy-tools deploy-check kafka-start kafka-stop clean help
 
 help:
 	@sed -n '1,5p' Makefile
@@ -35,7 +35,16 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-test: $(STAMP) kafka-fetch services-install lint
+# kustomize (Go module proxy), promtool (Debian) and a compose client (Go module) for
+# tests/test_deploy.py, installed up front (about 3 minutes the first time; .cache/bin).
+deploy-tools: $(STAMP)
+	@scripts/deploy-check.sh tools
+
+# The deployment checks alone: manifests, alert rules, dashboard, compose file.
+deploy-check: $(STAMP)
+	@scripts/deploy-check.sh
+
+test: $(STAMP) kafka-fetch services-install deploy-tools lint
 	$(BIN)/pytest
 
 # Benchmarks (not part of make test): every scenario side by side in one run, results in

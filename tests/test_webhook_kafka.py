@@ -346,9 +346,10 @@ async def test_metrics_parse_and_count_what_was_sent(gateway: RunningGateway) ->
     # No label value anywhere looks like personal data or an id.
     for family in families.values():
         for sample in family.samples:
-            for label_value in sample.labels.values():
+            for label, label_value in sample.labels.items():
                 assert "@" not in label_value
-                assert not re.search(r"\d{6,}", label_value), (sample.name, label_value)
+                if label != "topic":  # topic names are configuration (random hex in tests)
+                    assert not re.search(r"\d{6,}", label_value), (sample.name, label_value)
 
 
 async def test_health_ready_and_unknown_routes(gateway: RunningGateway) -> None:
