@@ -69,6 +69,14 @@ for i, key in ipairs(KEYS) do
 end
 return done
 """
+# Mark every key done for ARGV[1] seconds: one reply for the whole batch (a pipeline of
+# SETs costs a reply, and its parsing, per id).
+_CONFIRM = """
+for _, key in ipairs(KEYS) do
+  redis.call('SET', key, 'done', 'EX', ARGV[1])
+end
+return 0
+"""
 # Release only our own claims; a done mark or another consumer's claim stays.
 _RELEASE = """
 for _, key in ipairs(KEYS) do
@@ -90,6 +98,7 @@ class RedisDedupe:
         self._owner = f"claim:{uuid.uuid4().hex}"
         self._claim = self._client.register_script(_CLAIM)
         self._release = self._client.register_script(_RELEASE)
+        self._confirm = self._client.register_script(_CONFIRM)
 
     async def claim(self, ids: Sequence[str]) -> set[str]:
         if not ids:
@@ -105,10 +114,7 @@ class RedisDedupe:
         if not ids:
             return
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for i in ids:
-                    pipe.set(self._prefix + i, "done", ex=self._ttl)
-                await pipe.execute()
+            await self._confirm(keys=[self._prefix + i for i in ids], args=[self._ttl])
         except (RedisError, OSError) as exc:
             raise DedupeUnavailable(f"redis: {type(exc).__name__}") from exc
 

@@ -40,17 +40,18 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    quiet_libraries()
+    quiet_libraries(logging.getLevelName(level))
 
 
-def quiet_libraries() -> None:
-    """Keep library loggers at INFO or above, whatever LOG_LEVEL says.
+def quiet_libraries(level: int = logging.INFO) -> None:
+    """Keep library loggers at INFO or above, whatever LOG_LEVEL says (and at LOG_LEVEL when
+    it is higher).
 
     aiokafka's DEBUG lines quote whole records ("Sending (key=… value=…)"): message bodies,
     numbers and e-mails. Its INFO and above carry addresses and error names only.
     """
     for name in ("aiokafka", "kafka", "aiohttp.access"):
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(max(logging.INFO, level))
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
