@@ -8,9 +8,10 @@ answers; otherwise the project's own broker (``scripts/kafka.sh``) in a temporar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,62 +136,62 @@ async def wait_until(condition: object, seconds: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL: ``POSTGRES_URL``, else testcontainers, else scripts/postgres.sh."""
-    configured = os.environ.get("POSTGRES_URL")
+@contextlib.contextmanager
+def _postgres_container() -> Iterator[str]:
+    from testcontainers.postgres import PostgresContainer  # noqa: PLC0415 # needs an engine
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as container:
+        yield container.get_connection_url()
+
+
+@contextlib.contextmanager
+def _redis_container() -> Iterator[str]:
+    from testcontainers.redis import RedisContainer  # noqa: PLC0415 # needs an engine
+
+    with RedisContainer() as container:
+        yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+
+
+def _real_service(
+    factory: pytest.TempPathFactory,
+    variable: str,
+    script: str,
+    container: Callable[[], contextlib.AbstractContextManager[str]] | None = None,
+) -> Iterator[str]:
+    """The address in ``variable`` when set; else a container when a Docker engine answers
+    (and the service has one); else the project's ``scripts/<script>`` in a temp folder."""
+    configured = os.environ.get(variable)
     if configured:
         yield configured
         return
-    if docker_engine_answers():
-        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
-
-        with PostgresContainer("postgres:16-alpine", driver=None) as container:
-            yield container.get_connection_url()
+    if container is not None and docker_engine_answers():
+        with container() as url:
+            yield url
         return
-    service = ScriptService("postgres.sh", tmp_path_factory.mktemp("postgres"), free_port())
+    service = ScriptService(script, factory.mktemp(script.removesuffix(".sh")), free_port())
     service.start()
     try:
         yield service.url
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL: ``POSTGRES_URL``, else testcontainers, else scripts/postgres.sh."""
+    yield from _real_service(tmp_path_factory, "POSTGRES_URL", "postgres.sh", _postgres_container)
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Redis: ``REDIS_URL``, else testcontainers, else scripts/redis.sh."""
-    configured = os.environ.get("REDIS_URL")
-    if configured:
-        yield configured
-        return
-    if docker_engine_answers():
-        from testcontainers.redis import RedisContainer  # noqa: PLC0415
-
-        with RedisContainer() as container:
-            host = container.get_container_host_ip()
-            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
-        return
-    service = ScriptService("redis.sh", tmp_path_factory.mktemp("redis"), free_port())
-    service.start()
-    try:
-        yield service.url
-    finally:
-        service.stop()
+    yield from _real_service(tmp_path_factory, "REDIS_URL", "redis.sh", _redis_container)
 
 
 @pytest.fixture(scope="session")
 def alertmanager_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus Alertmanager: ``ALERTMANAGER_URL``, else scripts/alertmanager.sh."""
-    configured = os.environ.get("ALERTMANAGER_URL")
-    if configured:
-        yield configured
-        return
-    service = ScriptService("alertmanager.sh", tmp_path_factory.mktemp("alertmanager"), free_port())
-    service.start()
-    try:
-        yield service.url
-    finally:
-        service.stop()
+    yield from _real_service(tmp_path_factory, "ALERTMANAGER_URL", "alertmanager.sh")
 
 
 @pytest.fixture
