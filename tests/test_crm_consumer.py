@@ -203,7 +203,14 @@ async def test_429_and_503_for_a_while_hold_the_rate_and_skip_nothing(
         fake.fail_next(3, 429, path="/crm/v3/objects/communications", retry_after=1)
         fake.fail_next(3, 503, path="/crm/v3/objects/communications")
         # 50 per 10 s is 1 per 0.2 s: at most 11 in any 2 s, under the fake's 12.
-        env = crm_env(kafka_bootstrap, topic, fake, tmp_path, CRM_REQUESTS_PER_10S="50")
+        env = crm_env(
+            kafka_bootstrap,
+            topic,
+            fake,
+            tmp_path,
+            CRM_REQUESTS_PER_10S="50",
+            CRM_CREATE_RETRY_SECONDS="1",
+        )
         async with InProcessConsumer(env, sink_name="crm") as consumer:
             await publish(kafka_bootstrap, topic, events)
             await wait_until(lambda: len(fake.communications) == 12, 60, "12 communications")

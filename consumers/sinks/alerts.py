@@ -213,8 +213,10 @@ class AlertsSink:
                     window,
                 )
             self._matched.labels(self.name, alert.rule.name).inc()
-            for name in alert.rule.targets:
-                self._sent.pop((alert.dedup_key, name), None)
+        # Kept (bounded) after success too: a batch abandoned later (the dedupe confirm failing,
+        # then a rebalance) and read again by this process must not post to Slack twice.
+        while len(self._sent) > 50_000:
+            del self._sent[next(iter(self._sent))]
         return rejected
 
     async def _alerts_for(self, events: Sequence[SmsRecord]) -> list[Alert]:

@@ -3,7 +3,7 @@
 HubSpot CRM API v3, private-app token. Per batch: find the events already logged (a
 communication whose ``onoff_event_id`` property holds the event id: a consumer that crashed
 after creating it but before confirming it in the dedupe store must not log it twice), find
-the contacts by phone number in E.164 (one search per 100 numbers), create the contacts that
+the contacts by phone number in E.164 (one search per 25 numbers), create the contacts that
 are missing when ``CRM_UNKNOWN_CONTACT=create`` (else skip and count them), then create one
 communication per event, associated with its contact. Setup and limits: docs/crm.md.
 """
@@ -24,12 +24,15 @@ from prometheus_client import CollectorRegistry, Counter
 from consumers.phones import phone_region, to_e164
 from consumers.records import SmsRecord
 from consumers.sinks import SinkConfigError, TransientSinkError
-from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
+from consumers.sinks.http import AuthRejected, JsonApi, RequestRejected, TargetMetrics, json_field
 from onoff_events import settings as s
 
 log = logging.getLogger("consumers.crm")
 COMMUNICATION_TO_CONTACT = 81  # HubSpot-defined association type id
 SEARCH_PAGE = 100  # values per IN filter and results per page
+# HubSpot's search index shows a new object a few seconds after it is written: after a create
+# that may have succeeded (timeout, 5xx), wait this long before checking and retrying.
+DEFAULT_CREATE_RETRY_SECONDS = 30.0
 
 
 class CrmSink:
@@ -46,7 +49,9 @@ class CrmSink:
         requests_per_10s: int = 90,
         searches_per_second: int = 4,
         event_id_property: str = "onoff_event_id",
+        create_retry_seconds: float = DEFAULT_CREATE_RETRY_SECONDS,
     ) -> None:
+        self._create_retry = create_retry_seconds
         self._base = base_url.rstrip("/")
         self._create_missing = create_missing_contacts
         self._region = default_region
@@ -84,6 +89,7 @@ class CrmSink:
         already = await self._already_logged([e.event_id for e in pending])
         pending = [e for e in pending if e.event_id not in already]
         numbers = {e.event_id: to_e164(e.payload["externalNumber"], self._region) for e in pending}
+        cached_before = set(self._contact_cache)
         contacts = await self._find_contacts({n for n in numbers.values() if n is not None})
         rejected: dict[str, str] = {}
         for event in pending:
@@ -108,6 +114,11 @@ class CrmSink:
             try:
                 communication = await self._log_sms(event, contact)
             except RequestRejected as exc:
+                if number in cached_before:
+                    # The cached contact may have been merged or deleted since: look it up
+                    # again on the retry before concluding the SMS cannot be logged.
+                    self._contact_cache.pop(number, None)
+                    raise TransientSinkError(f"hubspot: cached contact refused: {exc}") from exc
                 rejected[event.event_id] = str(exc)
                 continue
             self._remember(event.event_id, communication)
@@ -156,9 +167,7 @@ class CrmSink:
         if email:
             properties["email"] = email
         try:
-            _, data = await self._api.call(
-                "POST", f"{self._base}/crm/v3/objects/contacts", {"properties": properties}
-            )
+            _, data = await self._create("contacts", {"properties": properties})
         except RequestRejected as exc:
             if exc.status != 409 or not email:
                 raise
@@ -167,9 +176,13 @@ class CrmSink:
                 {"propertyName": "email", "operator": "EQ", "value": email}]}]}  # fmt: skip
             matches = await self._search("contacts", query)
             if not matches:
-                raise
+                # Created seconds ago and not in the search index yet: ask again later.
+                raise TransientSinkError(
+                    "hubspot: conflicting contact not searchable yet",
+                    retry_after=self._create_retry,
+                ) from exc
             return str(matches[0]["id"])
-        return str(orjson.loads(data)["id"])
+        return json_field(data, "id", "hubspot")
 
     async def _log_sms(self, event: SmsRecord, contact: str) -> str:
         body = {
@@ -184,9 +197,21 @@ class CrmSink:
                 {"associationCategory": "HUBSPOT_DEFINED",
                  "associationTypeId": COMMUNICATION_TO_CONTACT}]}],
         }  # fmt: skip
-        _, data = await self._api.call("POST", f"{self._base}/crm/v3/objects/communications", body)
+        _, data = await self._create("communications", body)
         self._api.count_delivered()
-        return str(orjson.loads(data)["id"])
+        return json_field(data, "id", "hubspot")
+
+    async def _create(self, object_type: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """A create whose failure may hide a success: wait out the search index's lag before
+        the retry, so the already-logged check can see what HubSpot may have stored."""
+        try:
+            return await self._api.call("POST", f"{self._base}/crm/v3/objects/{object_type}", body)
+        except AuthRejected:
+            raise
+        except TransientSinkError as exc:
+            raise TransientSinkError(
+                str(exc), retry_after=max(exc.retry_after or 0.0, self._create_retry)
+            ) from exc
 
     async def _search(self, object_type: str, query: dict[str, Any]) -> list[dict[str, Any]]:
         url = f"{self._base}/crm/v3/objects/{object_type}/search"
@@ -254,4 +279,12 @@ def crm_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> CrmSink
         requests_per_10s=s.number(env, "CRM_REQUESTS_PER_10S", 90, int, minimum=1, maximum=190),
         searches_per_second=s.number(env, "CRM_SEARCHES_PER_SECOND", 4, int, minimum=1, maximum=5),
         event_id_property=s.text(env, "CRM_EVENT_ID_PROPERTY", "onoff_event_id"),
+        create_retry_seconds=s.number(
+            env,
+            "CRM_CREATE_RETRY_SECONDS",
+            DEFAULT_CREATE_RETRY_SECONDS,
+            float,
+            minimum=0,
+            maximum=600,
+        ),
     )

@@ -40,6 +40,19 @@ class AuthRejected(TransientSinkError):
     """401/403: the credentials are wrong or lack a scope. Nothing moves until they are fixed."""
 
 
+class TargetMisconfigured(TransientSinkError):
+    """A redirect, 404, 405 or 410: the configured address is wrong (a removed Slack webhook,
+    a proxy's login page, a wrong path). Like bad credentials, events wait; none is skipped
+    or dead-lettered for a mistake in our settings."""
+
+
+# Answers that mean our settings are wrong, not the payload.
+MISCONFIGURED = frozenset({404, 405, 410})
+# A 429 asking for longer than this is handed to the runner, whose wait a rebalance or a
+# shutdown can interrupt; short ones are waited here.
+MAX_INLINE_WAIT_SECONDS = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class TargetMetrics:
     requests: Counter
@@ -54,7 +67,7 @@ class TargetMetrics:
             requests=Counter(
                 p + "requests",
                 "Requests to a sink's API, by outcome "
-                "(ok, rate_limited, transient, auth, rejected).",
+                "(ok, rate_limited, transient, auth, config, rejected).",
                 ["sink", "target", "outcome"],
                 registry=registry,
             ),
@@ -123,7 +136,11 @@ class JsonApi:
             await self._wait_for(self._limiter)
             await self._wait_for(also_limited_by)
             try:
-                async with self._session.request(method, url, data=payload) as response:
+                # No redirects: aiohttp would resend a POST as a GET, and a proxy's login
+                # page would then look like success.
+                async with self._session.request(
+                    method, url, data=payload, allow_redirects=False
+                ) as response:
                     data = await response.read()
                     status = response.status
                     retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -138,34 +155,49 @@ class JsonApi:
                 wait = retry_after if retry_after is not None else 2.0**attempt
                 self._metrics.rate_limit_waits.labels(self.sink, self.target, "429").inc()
                 self._metrics.rate_limit_wait_seconds.labels(self.sink, self.target).inc(wait)
-                if attempt == MAX_RATE_LIMITED_TRIES - 1:
+                if attempt == MAX_RATE_LIMITED_TRIES - 1 or wait > MAX_INLINE_WAIT_SECONDS:
                     break
                 await asyncio.sleep(wait)
                 continue
             return self._refuse(status, data, retry_after)
-        raise TransientSinkError(f"{self.target}: still rate limited", retry_after=retry_after)
+        raise TransientSinkError(f"{self.target}: rate limited", retry_after=retry_after)
 
     def _refuse(self, status: int, data: bytes, retry_after: float | None) -> tuple[int, bytes]:
         if status in (401, 403):
             self._count("auth")
-            now = time.monotonic()
-            if now - self._auth_logged > 60:  # one clear line a minute, not one per retry
-                self._auth_logged = now
-                log_event(
-                    log,
-                    "credentials_rejected",
-                    logging.ERROR,
-                    sink=self.sink,
-                    target=self.target,
-                    status=status,
-                    detail="fix the token or its scopes; events wait, none are skipped",
-                )
+            self._log_setup_problem(
+                "credentials_rejected",
+                status,
+                "fix the token or its scopes; events wait, none are skipped",
+            )
             raise AuthRejected(f"{self.target}: credentials rejected ({status})")
+        if status in MISCONFIGURED or 300 <= status < 400:
+            self._count("config")
+            self._log_setup_problem(
+                "target_address_rejected",
+                status,
+                "check the target's URL setting; events wait, none are skipped",
+            )
+            raise TargetMisconfigured(f"{self.target}: address rejected ({status})")
         if status >= 500 or status == 408:
             self._count("transient")
             raise TransientSinkError(f"{self.target}: {status}", retry_after=retry_after)
         self._count("rejected")
         raise RequestRejected(self.target, status, _category(data))
+
+    def _log_setup_problem(self, event: str, status: int, detail: str) -> None:
+        now = time.monotonic()
+        if now - self._auth_logged > 60:  # one clear line a minute, not one per retry
+            self._auth_logged = now
+            log_event(
+                log,
+                event,
+                logging.ERROR,
+                sink=self.sink,
+                target=self.target,
+                status=status,
+                detail=detail,
+            )
 
     async def _wait_for(self, limiter: AsyncLimiter | None) -> None:
         if limiter is None:
@@ -202,3 +234,12 @@ def _category(data: bytes) -> str:
         return ""
     category = body.get("category") or body.get("status") if isinstance(body, dict) else ""
     return str(category)[:64] if category else ""
+
+
+def json_field(data: bytes, name: str, target: str) -> str:
+    """A field of a 2xx JSON answer; an answer without it is treated as transient (a proxy or
+    an outage page), never as a crash."""
+    try:
+        return str(orjson.loads(data)[name])
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise TransientSinkError(f"{target}: unexpected answer ({type(exc).__name__})") from exc
