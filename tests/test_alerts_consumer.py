@@ -296,3 +296,38 @@ targets = ["slack", "log"]
         assert secret not in lines, secret
         assert all(secret not in value for value in labels), secret
     logging.getLogger("aiokafka").setLevel(logging.NOTSET)
+
+
+async def test_a_removed_slack_webhook_holds_alerts_back_instead_of_dead_lettering_them(
+    kafka_bootstrap: str, slack: FakeSlack, tmp_path: Path
+) -> None:
+    """Slack answers 404 no_service for a removed webhook: a settings problem, so the alert
+    waits (service unready, nothing on the DLQ) and goes out once the webhook exists again."""
+    rules = write_rules(
+        tmp_path / "rules.toml",
+        """
+[[rule]]
+name = "urgent"
+kind = "keyword"
+words = ["urgent"]
+targets = ["slack"]
+""",
+    )
+    topic = await make_topics(kafka_bootstrap, sink="alerts")
+    removed = "T00000000/B11111111/YYYYYYYYYYYYYYYYYYYYYYYY"
+    env = alerts_env(
+        kafka_bootstrap, topic, tmp_path, rules, SLACK_WEBHOOK_URL=slack.webhook_url(removed)
+    )
+    async with InProcessConsumer(env, sink_name="alerts") as consumer:
+        await publish(kafka_bootstrap, topic, [sms_event(body="urgent please")])
+        await wait_until(
+            lambda: consumer.metric("onoff_consumer_target_requests_total", outcome="config") >= 2,
+            30,
+            "404 answers",
+        )
+        assert consumer.metric("onoff_consumer_ready") == 0
+        assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+        assert slack.messages == []
+        slack.webhooks.add(removed)  # the admin recreates the webhook
+        await wait_until(lambda: len(slack.messages) == 1, 30, "the alert, once the hook exists")
+    assert consumer.metric("onoff_consumer_dlq_events_total") == 0
