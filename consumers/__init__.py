@@ -1,4 +1,5 @@
 """Consumer services that fan ``sms-events`` out to the sinks (warehouse, CRM, alerting).
 
-Built in a later issue; the package exists so the import rules hold from the start.
+``runner`` holds the batch loop every sink shares; ``sinks/`` one module per sink, registered
+in ``consumers.sinks.SINKS``; ``python -m consumers <sink>`` runs one of them.
 """
