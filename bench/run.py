@@ -316,8 +316,21 @@ def preload(bootstrap: str, topic: str, events: int, duplicate_share: float) -> 
     return asyncio.run(run())
 
 
+def warehouse_consumer_env(bootstrap: str, topic: str, port: int, **extra: str) -> dict[str, str]:
+    """What every benchmark's warehouse consumer process reads (a fresh group each time)."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "KAFKA_TOPIC": topic,
+        "CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:6]}",
+        "CONSUMER_PORT": str(port),
+        "CONSUMER_HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
 def drain(
-    name: str, bootstrap: str, topic: str, unique: int, env: dict[str, str], count: Any
+    name: str, bootstrap: str, topic: str, unique: int, env: dict[str, str]
 ) -> dict[str, Any]:
     port = free_port()
     started = time.monotonic()
@@ -326,19 +339,10 @@ def drain(
         "-m",
         "consumers",
         "warehouse",
-        env={
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "KAFKA_TOPIC": topic,
-            "CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:6]}",
-            "CONSUMER_PORT": str(port),
-            "CONSUMER_HOST": "127.0.0.1",
-            "CONSUMER_MAX_BATCH": "2000",
-            "LOG_LEVEL": "WARNING",
-            **env,
-        },
+        env=warehouse_consumer_env(bootstrap, topic, port, CONSUMER_MAX_BATCH="2000", **env),
     ) as proc:
         while True:
-            done = count(port)
+            done = delivered_from_metrics(port)
             if done >= unique or proc.poll() is not None or time.monotonic() - started > 1800:
                 break
             time.sleep(0.25)
@@ -417,18 +421,15 @@ def end_to_end(
         "-m",
         "consumers",
         "warehouse",
-        env={
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "KAFKA_TOPIC": topic,
-            "CONSUMER_GROUP": f"bench-e2e-{uuid.uuid4().hex[:6]}",
-            "CONSUMER_PORT": str(port),
-            "CONSUMER_HOST": "127.0.0.1",
-            "WAREHOUSE_URL": pg_url,
-            "WAREHOUSE_SCHEMA": schema,
-            "DEDUPE_URL": f"sqlite:///{WORK}/e2e-dedupe.sqlite3",
-            "LOG_LEVEL": "WARNING",
-            "CONSUMER_POLL_TIMEOUT_MS": "100",
-        },
+        env=warehouse_consumer_env(
+            bootstrap,
+            topic,
+            port,
+            WAREHOUSE_URL=pg_url,
+            WAREHOUSE_SCHEMA=schema,
+            DEDUPE_URL=f"sqlite:///{WORK}/e2e-dedupe.sqlite3",
+            CONSUMER_POLL_TIMEOUT_MS="100",
+        ),
         ready=f"http://127.0.0.1:{port}/healthz",
     ):
         time.sleep(3)
@@ -579,7 +580,6 @@ def main() -> int:
                 "bench-drain",
                 unique,
                 {"WAREHOUSE_URL": pg_url, "WAREHOUSE_SCHEMA": "drain_pg", "DEDUPE_URL": redis_url},
-                delivered_from_metrics,
             )
         )
         scenarios.append(
@@ -592,7 +592,6 @@ def main() -> int:
                     "WAREHOUSE_URL": f"duckdb:///{WORK}/drain.duckdb",
                     "DEDUPE_URL": f"sqlite:///{WORK}/drain-dedupe.sqlite3",
                 },
-                delivered_from_metrics,
             )
         )
         scenarios.append(copy_ceiling(pg_url, unique))
@@ -604,7 +603,6 @@ def main() -> int:
                 "bench-dup",
                 unique_dup,
                 {"WAREHOUSE_URL": pg_url, "WAREHOUSE_SCHEMA": "drain_dup", "DEDUPE_URL": redis_url},
-                delivered_from_metrics,
             )
         )
         # A topic of its own, so the consumer reads only what this scenario sends.

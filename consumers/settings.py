@@ -80,9 +80,7 @@ class ConsumerSettings:
                 env, "CONSUMER_SHUTDOWN_TIMEOUT_SECONDS", 20.0, float, minimum=1, maximum=600
             ),
             kafka=KafkaSettings.from_env(env, client_id=f"onoff-consumer-{sink}"),
-            log_level=s.choice(
-                env, "LOG_LEVEL", "INFO", frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
-            ),
+            log_level=s.log_level(env),
             env=dict(env),
         )
 

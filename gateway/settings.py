@@ -79,9 +79,7 @@ class GatewaySettings:
             linger_ms=s.number(env, "KAFKA_LINGER_MS", 2, int, minimum=0, maximum=1000),
             compression_type=s.choice(env, "KAFKA_COMPRESSION_TYPE", "none", COMPRESSION_TYPES),
             kafka=KafkaSettings.from_env(env, client_id="onoff-gateway"),
-            log_level=s.choice(
-                env, "LOG_LEVEL", "INFO", frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
-            ),
+            log_level=s.log_level(env),
         )
 
     def describe(self) -> dict[str, Any]:

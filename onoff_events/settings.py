@@ -71,6 +71,11 @@ def choice(env: Mapping[str, str], name: str, default: str, allowed: frozenset[s
     return value
 
 
+def log_level(env: Mapping[str, str]) -> str:
+    """``LOG_LEVEL``, the same for every service."""
+    return choice(env, "LOG_LEVEL", "INFO", frozenset({"DEBUG", "INFO", "WARNING", "ERROR"}))
+
+
 def mask(secret: str) -> str:
     """How a secret is shown in start-up output: never any of its characters."""
     return "***" if secret else ""
