@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         sink = SINKS[name](os.environ, registry)
         # One namespace per consumer group: each group delivers each id once to its sink.
         dedupe = dedupe_from_url(
-            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds
+            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds, sink
         )
     except (SettingsError, SinkConfigError) as exc:
         print(f"onoff-consumer: invalid setting: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from consumers.dedupe import DedupeStore, DedupeUnavailable
 from consumers.metrics import ConsumerMetrics
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
 from consumers.settings import ConsumerSettings
-from consumers.sinks import Sink, TransientSinkError
+from consumers.sinks import Delivery, Sink, TransientSinkError
 from onoff_events.cloudevents import rfc3339_now
 from onoff_events.kafka import PRODUCER_FATAL
 from onoff_events.logs import log_event
@@ -37,6 +38,15 @@ T = TypeVar("T")
 TRANSIENT = (TransientSinkError, DedupeUnavailable, KafkaError, OSError, TimeoutError)
 DLQ_SEND_TIMEOUT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Fetched:
+    """One ``getmany`` and its records decoded; ``epoch`` -1 when it spanned a rebalance."""
+
+    records: list[Any]
+    decoded: list[SmsRecord | PoisonRecord]
+    epoch: int
 
 
 class BatchAbandoned(Exception):
@@ -63,6 +73,7 @@ class Runner:
         self._abandon = asyncio.Event()
         self._restart = asyncio.Event()
         self._batch_lock = asyncio.Lock()
+        self._epoch = 0  # bumped at each rebalance: tells a read-ahead batch it is stale
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self._committed: dict[TopicPartition, int] = {}
@@ -126,59 +137,116 @@ class Runner:
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         self._last_fetch = time.monotonic()
-        while not self._stop.is_set() and not self._restart.is_set():
-            try:
-                batches = await consumer.getmany(
-                    timeout_ms=self._settings.poll_timeout_ms,
-                    max_records=self._settings.max_batch,
-                )
-            except KafkaError as exc:
-                # Fetch or group errors aiokafka does not retry itself (authorization during an
-                # ACL change, an undecodable batch): a fresh consumer after a pause, not a crash.
-                log_event(
-                    log,
-                    "kafka_consumer_error",
-                    logging.ERROR,
-                    sink=self._name,
-                    error_type=type(exc).__name__,
-                )
-                self._m.restarts.labels(self._name, "fetch_error").inc()
-                self._set_healthy(healthy=False)
-                await self._interrupted_within(self._settings.backoff.max_seconds)
-                return
-            if not batches:
-                self._set_healthy(healthy=True)
-                continue
-            records = [r for tp in sorted(batches) for r in batches[tp]]
-            self._last_fetch = time.monotonic()
-            async with self._batch_lock:
+        ahead: asyncio.Task[_Fetched] | None = None
+        try:
+            while not self._stop.is_set() and not self._restart.is_set():
                 try:
-                    await self._handle_batch(consumer, records)
-                except BatchAbandoned:
-                    reason = "shutdown" if self._stop.is_set() else "rebalance"
-                    self._m.abandoned_batches.labels(self._name, reason).inc()
+                    fetched = await (ahead if ahead is not None else self._fetch(consumer))
+                except KafkaError as exc:
+                    # Fetch or group errors aiokafka does not retry itself (authorization during
+                    # an ACL change, an undecodable batch): a fresh consumer after a pause.
                     log_event(
                         log,
-                        "batch_abandoned",
-                        logging.WARNING,
+                        "kafka_consumer_error",
+                        logging.ERROR,
                         sink=self._name,
-                        reason=reason,
-                        records=len(records),
+                        error_type=type(exc).__name__,
                     )
-                    if self._stop.is_set():
-                        return
-                    # Read the batch again: back to the last offsets we committed.
-                    for topic, partition in next_offsets(records):
-                        tp = TopicPartition(topic, partition)
-                        if tp in consumer.assignment() and tp in self._committed:
-                            consumer.seek(tp, self._committed[tp])
+                    self._m.restarts.labels(self._name, "fetch_error").inc()
+                    self._set_healthy(healthy=False)
+                    await self._interrupted_within(self._settings.backoff.max_seconds)
+                    return
                 finally:
-                    self._last_fetch = time.monotonic()
+                    ahead = None
+                if not fetched.records:
+                    self._set_healthy(healthy=True)
+                    continue
+                if fetched.epoch != self._epoch:
+                    await self._read_again(consumer, fetched.records)
+                    continue
+                self._last_fetch = time.monotonic()
+                # Read and decode the next batch while this one is delivered: the sink's round
+                # trips and our CPU work overlap instead of taking turns.
+                ahead = asyncio.create_task(self._fetch(consumer), name=f"{self._name}-fetch")
+                async with self._batch_lock:
+                    try:
+                        await self._handle_batch(consumer, fetched.records, fetched.decoded)
+                    except BatchAbandoned:
+                        reason = "shutdown" if self._stop.is_set() else "rebalance"
+                        self._m.abandoned_batches.labels(self._name, reason).inc()
+                        log_event(
+                            log,
+                            "batch_abandoned",
+                            logging.WARNING,
+                            sink=self._name,
+                            reason=reason,
+                            records=len(fetched.records),
+                        )
+                        if self._stop.is_set():
+                            return
+                        # Read the batch again: back to the last offsets we committed.
+                        for topic, partition in next_offsets(fetched.records):
+                            tp = TopicPartition(topic, partition)
+                            if tp in consumer.assignment() and tp in self._committed:
+                                consumer.seek(tp, self._committed[tp])
+                    finally:
+                        self._last_fetch = time.monotonic()
+        finally:
+            if ahead is not None:
+                # Its records are not committed: whoever reads these partitions next gets them.
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                    await ahead
 
-    async def _handle_batch(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> _Fetched:
+        """One ``getmany``, decoded, tagged with the rebalance epoch it was read in."""
+        epoch = self._epoch
+        batches = await consumer.getmany(
+            timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_batch
+        )
+        # A fetch that spans a rebalance may hold records of the old assignment or of the new
+        # one: it is never delivered (see _read_again).
+        spanned = epoch != self._epoch
+        records = [r for tp in sorted(batches) for r in batches[tp]]
+        decoded = [self._decoder.decode(r) for r in records]
+        return _Fetched(records, decoded, -1 if spanned else epoch)
+
+    async def _read_again(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
+        """Drop a batch read before a rebalance and rewind its partitions that are still ours
+        to the group's committed offsets, so nothing in it is skipped: a read-ahead batch must
+        never be delivered under an assignment it was not read in (its commit could skip an
+        abandoned batch), and dropping it without rewinding could skip it."""
+        self._m.abandoned_batches.labels(self._name, "read_ahead").inc()
+        assigned = consumer.assignment()
+        try:
+            for topic, partition in next_offsets(records):
+                tp = TopicPartition(topic, partition)
+                if tp not in assigned:
+                    continue  # not ours now: its new owner starts from the committed offset
+                committed = await asyncio.wait_for(consumer.committed(tp), 10)
+                if committed is None:
+                    await consumer.seek_to_beginning(tp)  # as auto_offset_reset=earliest
+                else:
+                    consumer.seek(tp, committed)
+        except (KafkaError, TimeoutError) as exc:
+            # Cannot tell where to resume: a fresh consumer starts from the committed offsets.
+            log_event(
+                log,
+                "read_again_failed",
+                logging.WARNING,
+                sink=self._name,
+                error_type=type(exc).__name__,
+            )
+            self._restart.set()
+
+    async def _handle_batch(
+        self,
+        consumer: AIOKafkaConsumer,
+        records: Sequence[Any],
+        decoded: Sequence[SmsRecord | PoisonRecord],
+    ) -> None:
         self._m.consumed.labels(self._name).inc(len(records))
         self._m.batch_size.labels(self._name).observe(len(records))
-        decoded = [self._decoder.decode(r) for r in records]
         poison = [d for d in decoded if isinstance(d, PoisonRecord)]
         unique, copies = first_of_each_id(d for d in decoded if isinstance(d, SmsRecord))
         ids = [e.event_id for e in unique]
@@ -189,8 +257,10 @@ class Runner:
 
         started = time.perf_counter()
         try:
-            rejected = (
-                await self._until_done(lambda: self._sink.deliver(todo), "deliver") if todo else {}
+            outcome = (
+                await self._until_done(lambda: self._sink.deliver(todo), "deliver")
+                if todo
+                else Delivery()
             )
         except BatchAbandoned:
             with contextlib.suppress(*TRANSIENT):
@@ -198,7 +268,9 @@ class Runner:
             raise
         self._m.delivery_duration.labels(self._name).observe(time.perf_counter() - started)
         now = datetime.now(UTC)
-        delivered = [e for e in todo if e.event_id not in rejected]
+        rejected, held = outcome.rejected, outcome.already_held
+        delivered = [e for e in todo if e.event_id not in rejected and e.event_id not in held]
+        self._m.duplicates.labels(self._name).inc(len(held))
         self._m.delivered.labels(self._name).inc(len(delivered))
         for event in delivered:
             if event.received_at is not None:
@@ -499,12 +571,14 @@ class Runner:
     async def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # A batch waiting to retry gives up (the new owner will deliver it); a batch in a
         # healthy step finishes and commits. Either way, wait for it before letting go.
+        self._epoch += 1  # a batch read ahead until now is not delivered
         self._abandon.set()
         async with self._batch_lock:
             self._abandon.clear()
         self._forget(revoked)
 
     async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self._epoch += 1
         self._last_fetch = time.monotonic()
         log_event(
             log,

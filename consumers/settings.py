@@ -58,7 +58,7 @@ class ConsumerSettings:
             ),
             host=s.text(env, "CONSUMER_HOST", "0.0.0.0"),  # noqa: S104 # containers listen on all
             port=s.number(env, "CONSUMER_PORT", 8081, int, minimum=1, maximum=65535),
-            dedupe_url=s.text(env, "DEDUPE_URL", f"sqlite:///.data/dedupe-{sink}.sqlite3"),
+            dedupe_url=s.text(env, "DEDUPE_URL", _default_dedupe_url(sink)),
             dedupe_ttl_seconds=s.number(
                 env, "DEDUPE_TTL_SECONDS", 7 * 24 * 3600, int, minimum=60, maximum=366 * 24 * 3600
             ),
@@ -112,3 +112,8 @@ def _without_password(url: str) -> str:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def _default_dedupe_url(sink: str) -> str:
+    # The warehouse's primary key already says which ids it holds: no second store needed.
+    return "sink" if sink == "warehouse" else f"sqlite:///.data/dedupe-{sink}.sqlite3"

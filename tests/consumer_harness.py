@@ -94,7 +94,7 @@ class InProcessConsumer:
         settings = ConsumerSettings.from_env(self.sink_name, self.env)
         sink = SINKS[self.sink_name](self.env, self.registry)
         dedupe = dedupe_from_url(
-            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds
+            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds, sink
         )
         if self.wrap_dedupe is not None:
             dedupe = self.wrap_dedupe(dedupe)

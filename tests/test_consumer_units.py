@@ -10,8 +10,9 @@ import orjson
 import pytest
 
 from consumers.backoff import Backoff
-from consumers.dedupe import DedupeStore, RedisDedupe, SqliteDedupe, dedupe_from_url
+from consumers.dedupe import DedupeStore, RedisDedupe, SinkDedupe, SqliteDedupe, dedupe_from_url
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
+from consumers.settings import ConsumerSettings
 from onoff_events.cloudevents import SmsEventHeaders
 from tests.payloads import sms_event
 
@@ -112,10 +113,21 @@ async def test_dedupe_claim_confirm_release_and_takeover(store_pair: list[Dedupe
 
 
 def test_dedupe_urls_are_checked() -> None:
-    with pytest.raises(ValueError, match="redis:// or sqlite:///"):
+    with pytest.raises(ValueError, match="redis://, sqlite:/// or sink"):
         dedupe_from_url("memcached://x", "n", 60)
     with pytest.raises(ValueError, match="needs a file"):
         dedupe_from_url("sqlite://", "n", 60)
+
+
+def test_only_a_sink_keyed_by_event_id_can_be_its_own_dedupe_store() -> None:
+    class Keyed:
+        idempotent_by_key = True
+
+    assert isinstance(dedupe_from_url("sink", "n", 60, Keyed()), SinkDedupe)
+    with pytest.raises(ValueError, match="unique key of its own"):
+        dedupe_from_url("sink", "n", 60, object())
+    assert ConsumerSettings.from_env("warehouse", {}).dedupe_url == "sink"
+    assert ConsumerSettings.from_env("crm", {}).dedupe_url.startswith("sqlite:///")
 
 
 @pytest.mark.parametrize(

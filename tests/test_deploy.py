@@ -413,7 +413,7 @@ async def test_every_deployment_starts_with_its_rendered_settings(
         assert settings.port == workload.container["ports"][0]["containerPort"]
         sink = SINKS[sink_name](workload.env, CollectorRegistry())
         dedupe = dedupe_from_url(
-            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds
+            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds, sink
         )
         await sink.close()
         await dedupe.close()
@@ -721,7 +721,7 @@ async def exported(
         else:
             settings = ConsumerSettings.from_env(workload.command[1], env)
             sink = SINKS[settings.sink](env, registry)
-            dedupe = dedupe_from_url(settings.dedupe_url, settings.group_id, 60)
+            dedupe = dedupe_from_url(settings.dedupe_url, settings.group_id, 60, sink)
             runner = Runner(settings, sink, dedupe, ConsumerMetrics.create(registry))
             try:
                 found = await _scrape(build_http(runner, registry), registry)

@@ -7,6 +7,7 @@ one means one module here and one line in ``SINKS``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,16 @@ class SinkConfigError(Exception):
     """The sink's settings are wrong: the service must not start."""
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a sink did with a batch: every event not named here is delivered."""
+
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    """``{event_id: reason}``: events the sink can never accept (they go to its DLQ)."""
+    already_held: frozenset[str] = frozenset()
+    """Ids the sink already had (a sink that is its own dedupe store): duplicates."""
+
+
 class Sink(Protocol):
     """What the runner needs of a sink."""
 
@@ -37,11 +48,12 @@ class Sink(Protocol):
     async def start(self) -> None:
         """Connect and prepare (create tables…); may raise TransientSinkError to be retried."""
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         """Deliver every event, idempotently by ``event_id``.
 
-        Return ``{event_id: reason}`` for events the sink can never accept (they go to the
-        sink's DLQ); raise TransientSinkError when the whole batch should be retried.
+        Name in the result the events the sink can never accept (they go to the sink's DLQ)
+        and, for a sink that keys its own records, those it already held; raise
+        TransientSinkError when the whole batch should be retried.
         """
         ...
 

@@ -32,7 +32,7 @@ from consumers.alert_rules import (
 )
 from consumers.phones import masked, phone_region, to_e164
 from consumers.records import SmsRecord
-from consumers.sinks import SinkConfigError
+from consumers.sinks import Delivery, SinkConfigError
 from consumers.sinks.burst import BurstStore, burst_store_from_url
 from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
 from onoff_events import settings as s
@@ -183,7 +183,7 @@ class AlertsSink:
             await target.close()
         await self._burst.close()
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         alerts = await self._alerts_for(events)
         rejected: dict[str, str] = {}
         for name, target in self._targets.items():
@@ -217,7 +217,7 @@ class AlertsSink:
         # then a rebalance) and read again by this process must not post to Slack twice.
         while len(self._sent) > 50_000:
             del self._sent[next(iter(self._sent))]
-        return rejected
+        return Delivery(rejected)
 
     async def _alerts_for(self, events: Sequence[SmsRecord]) -> list[Alert]:
         alerts: list[Alert] = []

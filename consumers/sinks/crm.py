@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from consumers.phones import phone_region, to_e164
 from consumers.records import SmsRecord
-from consumers.sinks import SinkConfigError, TransientSinkError
+from consumers.sinks import Delivery, SinkConfigError, TransientSinkError
 from consumers.sinks.http import AuthRejected, JsonApi, RequestRejected, TargetMetrics, json_field
 from onoff_events import settings as s
 
@@ -84,7 +84,7 @@ class CrmSink:
     async def close(self) -> None:
         await self._api.close()
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         pending = [e for e in events if e.event_id not in self._logged]
         already = await self._already_logged([e.event_id for e in pending])
         pending = [e for e in pending if e.event_id not in already]
@@ -122,7 +122,7 @@ class CrmSink:
                 rejected[event.event_id] = str(exc)
                 continue
             self._remember(event.event_id, communication)
-        return rejected
+        return Delivery(rejected)
 
     async def _already_logged(self, event_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()

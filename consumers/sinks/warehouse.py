@@ -20,7 +20,7 @@ import asyncpg
 
 from consumers.blocking import run_serialised
 from consumers.records import SmsRecord
-from consumers.sinks import SinkConfigError, TransientSinkError
+from consumers.sinks import Delivery, SinkConfigError, TransientSinkError
 from onoff_events import settings as s
 
 COLUMNS = (
@@ -137,7 +137,7 @@ class PostgresWarehouse:
         # One statement per batch: arrays unnest into rows server-side.
         self._insert_many = (
             f"INSERT INTO {schema}.sms_events ({cols}) SELECT {select} "  # noqa: S608 # identifiers checked above
-            f"FROM unnest({params}) AS t({cols}) ON CONFLICT (id) DO NOTHING"
+            f"FROM unnest({params}) AS t({cols}) ON CONFLICT (id) DO NOTHING RETURNING id"
         )
         one = ", ".join(
             f"${i}::text::jsonb" if c == "payload" else f"${i}::{t}"
@@ -145,7 +145,7 @@ class PostgresWarehouse:
         )
         self._insert_one = (
             f"INSERT INTO {schema}.sms_events ({cols}) VALUES ({one}) "  # noqa: S608
-            "ON CONFLICT (id) DO NOTHING"
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
         )
 
     async def start(self) -> None:
@@ -182,26 +182,31 @@ class PostgresWarehouse:
             await self.close()
             raise TransientSinkError(f"postgres start: {type(exc).__name__}") from exc
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+    # The table's primary key is the dedupe store of DEDUPE_URL=sink: an insert says which ids
+    # were new (RETURNING), so a duplicate costs no extra round trip.
+    idempotent_by_key = True
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         assert self._pool is not None, "start() first"  # noqa: S101 # programming error
         rows = [warehouse_row(e) for e in events]
         try:
-            await self._pool.execute(self._insert_many, *zip(*rows, strict=True))
+            inserted = await self._pool.fetch(self._insert_many, *zip(*rows, strict=True))
         except Exception as exc:
             if not _permanent(exc):
                 raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
         else:
-            return {}
+            return Delivery(already_held=_held(rows, {r[0] for r in inserted}))
         # One row spoils the batch statement: find it (and any other) row by row.
         rejected: dict[str, str] = {}
+        new: set[str] = set()
         for row in rows:
             try:
-                await self._pool.execute(self._insert_one, *row)
+                new.update(r[0] for r in await self._pool.fetch(self._insert_one, *row))
             except Exception as exc:
                 if not _permanent(exc):
                     raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
                 rejected[row[0]] = f"postgres {exc.sqlstate}: {type(exc).__name__}"  # type: ignore[attr-defined]
-        return rejected
+        return Delivery(rejected, _held([r for r in rows if r[0] not in rejected], new))
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -228,7 +233,7 @@ class DuckDbWarehouse:
         )
         self._insert = (
             f"INSERT INTO sms_events ({', '.join(COLUMNS)}) SELECT * FROM (SELECT {columns}) "  # noqa: S608
-            "ON CONFLICT (id) DO NOTHING"
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
         )
 
     async def start(self) -> None:
@@ -247,13 +252,15 @@ class DuckDbWarehouse:
         except duckdb.Error as exc:
             raise TransientSinkError(f"duckdb start: {type(exc).__name__}") from exc
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Mapping[str, str]:
+    idempotent_by_key = True  # see PostgresWarehouse
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         import duckdb  # noqa: PLC0415
 
         rows = [_duck_row(e) for e in events]
         async with self._deliveries:
             try:
-                await run_serialised(self._lock, self._insert_all, rows)
+                inserted = await run_serialised(self._lock, self._insert_all, rows)
             except (
                 duckdb.ConversionException,
                 duckdb.ConstraintException,
@@ -263,11 +270,12 @@ class DuckDbWarehouse:
             except duckdb.Error as exc:
                 raise TransientSinkError(f"duckdb: {type(exc).__name__}") from exc
             else:
-                return {}
+                return Delivery(already_held=_held(rows, inserted))
             rejected: dict[str, str] = {}
+            new: set[str] = set()
             for row in rows:
                 try:
-                    await run_serialised(self._lock, self._insert_all, [row])
+                    new |= await run_serialised(self._lock, self._insert_all, [row])
                 except (
                     duckdb.ConversionException,
                     duckdb.ConstraintException,
@@ -276,18 +284,24 @@ class DuckDbWarehouse:
                     rejected[row[0]] = f"duckdb: {type(exc).__name__}"
                 except duckdb.Error as exc:
                     raise TransientSinkError(f"duckdb: {type(exc).__name__}") from exc
-            return rejected
+            return Delivery(rejected, _held([r for r in rows if r[0] not in rejected], new))
 
-    def _insert_all(self, rows: list[tuple[Any, ...]]) -> None:
+    def _insert_all(self, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Insert; return the ids that were new."""
         columns = [
             [None if v is None else str(v) for v in column] for column in zip(*rows, strict=True)
         ]
-        self._db.execute(self._insert, columns)
+        return {r[0] for r in self._db.execute(self._insert, columns).fetchall()}
 
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
             await run_serialised(self._lock, db.close)
+
+
+def _held(rows: Sequence[tuple[Any, ...]], new: set[str]) -> frozenset[str]:
+    """The ids of ``rows`` the table already had: those the insert did not report as new."""
+    return frozenset(r[0] for r in rows if r[0] not in new)
 
 
 def _duck_row(event: SmsRecord) -> tuple[Any, ...]:
