@@ -94,15 +94,22 @@ class Runner:
 
     async def run(self) -> None:
         """Run until stop(); every resource opened here is closed here."""
-        watchdog = asyncio.create_task(self._watchdog(), name=f"{self._name}-watchdog")
         try:
             await self._until_done(self._sink.start, "sink_start")
             self._dlq = await self._until_done(self._start_dlq_producer, "dlq")
             while not self._stop.is_set():
                 self._consumer = await self._until_done(self._start_consumer, "consumer_start")
+                # One watchdog per consumer, stopped before its consumer: a check still running
+                # on a stopped consumer would make aiokafka open a connection nobody closes.
+                watchdog = asyncio.create_task(
+                    self._watchdog(self._consumer), name=f"{self._name}-watchdog"
+                )
                 try:
                     await self._consume(self._consumer)
                 finally:
+                    watchdog.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watchdog
                     consumer, self._consumer = self._consumer, None
                     await _stop_consumer(consumer)
                     # stop() revokes without telling the listener: another member may commit
@@ -115,9 +122,6 @@ class Runner:
             pass  # stop() arrived while a start-up step was retrying
         finally:
             self._set_healthy(healthy=False)
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
             await _stop_producer(self._dlq)
             for close in (self._sink.close, self._dedupe.close):
                 try:
@@ -516,14 +520,12 @@ class Runner:
 
     # --- the watchdog ---------------------------------------------------------------------
 
-    async def _watchdog(self) -> None:
+    async def _watchdog(self, consumer: AIOKafkaConsumer) -> None:
         """Lag per partition; and if the consumer fetches nothing while lag stays, it is
         stuck (aiokafka has reports of consumers stuck after a broker restart): recreate it."""
+        self._lag_since = None
         while True:
             await asyncio.sleep(self._settings.watchdog_interval_seconds)
-            consumer = self._consumer
-            if consumer is None:
-                continue
             assigned = list(consumer.assignment())
             if not assigned:
                 continue
@@ -616,6 +618,11 @@ async def _stop_producer(producer: AIOKafkaProducer | None) -> None:
             await producer.stop()
     except (KafkaError, TimeoutError) as exc:
         log_event(log, "dlq_producer_stop_failed", logging.WARNING, error_type=type(exc).__name__)
+        # A stop cut short leaves the sender and its connections open: close them (aiokafka
+        # has no public way to abandon a flush; the gateway's publisher does the same).
+        with contextlib.suppress(KafkaError, OSError):
+            await producer._sender.close()  # noqa: SLF001
+            await producer.client.close()
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer | None) -> None:
@@ -626,3 +633,5 @@ async def _stop_consumer(consumer: AIOKafkaConsumer | None) -> None:
         await asyncio.wait_for(consumer.stop(), 15)
     except (KafkaError, TimeoutError) as exc:
         log_event(log, "kafka_consumer_stop_failed", logging.WARNING, error_type=type(exc).__name__)
+        with contextlib.suppress(KafkaError, OSError):
+            await consumer._client.close()  # noqa: SLF001 # a stop cut short: close its sockets

@@ -13,6 +13,7 @@ from consumers.backoff import Backoff
 from consumers.dedupe import DedupeStore, RedisDedupe, SinkDedupe, SqliteDedupe, dedupe_from_url
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
 from consumers.settings import ConsumerSettings
+from consumers.sinks.warehouse import _split
 from onoff_events.cloudevents import SmsEventHeaders
 from tests.payloads import sms_event
 
@@ -180,3 +181,12 @@ def test_masked_numbers_keep_the_country_code_and_two_digits() -> None:
     assert masked("+33612345678") == "+33•••••••78"
     assert masked("+14155550123") == "+1••••••••23"
     assert masked("not a number") == "•••"
+
+
+def test_a_batch_splits_into_at_most_n_contiguous_parts_in_order() -> None:
+    events = [sms_event()["id"] for _ in range(7)]
+    parts = _split(events, 3)  # type: ignore[arg-type] # only order and sizes matter here
+    assert [len(p) for p in parts] == [3, 3, 1]
+    assert [e for p in parts for e in p] == events
+    assert _split(events[:2], 3) == [events[:1], events[1:2]]  # type: ignore[arg-type]
+    assert _split([], 3) == []

@@ -122,12 +122,15 @@ def _permanent(exc: BaseException) -> bool:
 class PostgresWarehouse:
     name = "warehouse"
 
-    def __init__(self, url: str, schema: str = "public", pool_size: int = 4) -> None:
+    def __init__(
+        self, url: str, schema: str = "public", pool_size: int = 4, parallel_inserts: int = 3
+    ) -> None:
         if not _IDENT.match(schema):
             raise SinkConfigError(f"WAREHOUSE_SCHEMA: not a plain identifier: {schema!r}")
         self._url = url
         self._schema = schema
         self._pool_size = pool_size
+        self._parallel_inserts = min(parallel_inserts, pool_size)
         self._pool: asyncpg.Pool | None = None
         # One statement per batch. Each event travels as its JSON payload plus what is not in
         # it, and PostgreSQL extracts the text columns itself: six array parameters instead of
@@ -181,25 +184,37 @@ class PostgresWarehouse:
 
     async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         assert self._pool is not None, "start() first"  # noqa: S101 # programming error
-        ids = [e.event_id for e in events]
-        try:
-            new = await self._insert_rows([_pg_row(e) for e in events])
-        except Exception as exc:
-            if not _permanent(exc):
-                raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
-        else:
-            return Delivery(already_held=frozenset(i for i in ids if i not in new))
-        # One row spoils the batch statement: find it (and any other) row by row.
+        # A batch goes in as a few statements on separate connections at once: the driver
+        # encodes one part while PostgreSQL writes another. The runner passes each id once
+        # per batch, so the parts never contend for the same key.
+        parts = _split(events, self._parallel_inserts)
+        results = await asyncio.gather(
+            *(self._insert_rows([_pg_row(e) for e in part]) for part in parts),
+            return_exceptions=True,
+        )
+        new: set[str] = set()
+        spoiled: list[SmsRecord] = []
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                if not _permanent(result):
+                    # The whole batch is retried; rows a sibling part wrote now are counted as
+                    # already held then (a metric detail, never a lost or doubled row).
+                    raise TransientSinkError(f"postgres: {type(result).__name__}") from result
+                spoiled.extend(part)
+            else:
+                new |= result
+        # A row spoils its part's statement: find it (and any other) row by row.
         rejected: dict[str, str] = {}
-        new = set()
-        for event in events:
+        for event in spoiled:
             try:
                 new |= await self._insert_rows([_pg_row(event)])
             except Exception as exc:
                 if not _permanent(exc):
                     raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
                 rejected[event.event_id] = f"postgres {exc.sqlstate}: {type(exc).__name__}"  # type: ignore[attr-defined]
-        held = frozenset(i for i in ids if i not in new and i not in rejected)
+        held = frozenset(
+            e.event_id for e in events if e.event_id not in new and e.event_id not in rejected
+        )
         return Delivery(rejected, held)
 
     async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> set[str]:
@@ -328,6 +343,12 @@ def _pg_row(event: SmsRecord) -> tuple[Any, ...]:
     )
 
 
+def _split(events: Sequence[SmsRecord], parts: int) -> list[Sequence[SmsRecord]]:
+    """``events`` in at most ``parts`` contiguous slices of near-equal size (pure)."""
+    size = max(1, -(-len(events) // max(parts, 1)))
+    return [events[i : i + size] for i in range(0, len(events), size)]
+
+
 def _held(rows: Sequence[tuple[Any, ...]], new: set[str]) -> frozenset[str]:
     """The ids of ``rows`` the table already had: those the insert did not report as new."""
     return frozenset(r[0] for r in rows if r[0] not in new)
@@ -353,6 +374,9 @@ def warehouse_from_env(env: Mapping[str, str]) -> PostgresWarehouse | DuckDbWare
             url,
             schema=s.text(env, "WAREHOUSE_SCHEMA", "public"),
             pool_size=s.number(env, "WAREHOUSE_POOL_SIZE", 4, int, minimum=1, maximum=100),
+            parallel_inserts=s.number(
+                env, "WAREHOUSE_PARALLEL_INSERTS", 3, int, minimum=1, maximum=100
+            ),
         )
     if url.startswith("duckdb:///"):
         path = url[len("duckdb:///") :]
