@@ -42,7 +42,7 @@ CLOSE_TIMEOUT_SECONDS = 10.0
 
 @dataclass(frozen=True, slots=True)
 class _Fetched:
-    """One ``getmany`` and its records decoded; ``epoch`` -1 when it spanned a rebalance."""
+    """One ``getmany`` and its records decoded, with the rebalance epoch it was read in."""
 
     records: list[Any]
     decoded: list[SmsRecord | PoisonRecord]
@@ -107,9 +107,7 @@ class Runner:
                 try:
                     await self._consume(self._consumer)
                 finally:
-                    watchdog.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await watchdog
+                    await self._settle(watchdog)
                     consumer, self._consumer = self._consumer, None
                     await _stop_consumer(consumer)
                     # stop() revokes without telling the listener: another member may commit
@@ -166,7 +164,10 @@ class Runner:
                     self._set_healthy(healthy=True)
                     continue
                 if fetched.epoch != self._epoch:
-                    await self._read_again(consumer, fetched.records)
+                    # Read ahead under an assignment revoked since: never delivered (its commit
+                    # could pass an abandoned batch). Nothing is skipped by dropping it: every
+                    # rebalance gives a new assignment that starts from the committed offsets.
+                    self._m.abandoned_batches.labels(self._name, "read_ahead").inc()
                     continue
                 self._last_fetch = time.monotonic()
                 # Read and decode the next batch while this one is delivered: the sink's round
@@ -198,50 +199,37 @@ class Runner:
         finally:
             if ahead is not None:
                 # Its records are not committed: whoever reads these partitions next gets them.
-                ahead.cancel()
-                with contextlib.suppress(asyncio.CancelledError, KafkaError):
-                    await ahead
+                await self._settle(ahead)
+
+    async def _settle(self, task: asyncio.Task[Any]) -> None:
+        """Cancel a helper task and wait for it; an error it ended with is logged, never
+        raised over the exception (or the orderly stop) that is ending its owner."""
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 # logged; the caller is already unwinding
+            log_event(
+                log,
+                "task_failed",
+                logging.ERROR,
+                sink=self._name,
+                task=task.get_name(),
+                error_type=type(exc).__name__,
+            )
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> _Fetched:
         """One ``getmany``, decoded, tagged with the rebalance epoch it was read in."""
-        epoch = self._epoch
         batches = await consumer.getmany(
             timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_batch
         )
-        # A fetch that spans a rebalance may hold records of the old assignment or of the new
-        # one: it is never delivered (see _read_again).
-        spanned = epoch != self._epoch
+        # Taken with no await since getmany returned: the records belong to the assignment in
+        # force at this epoch (aiokafka's getmany waits out a reassignment in progress).
+        epoch = self._epoch
         records = [r for tp in sorted(batches) for r in batches[tp]]
         decoded = [self._decoder.decode(r) for r in records]
-        return _Fetched(records, decoded, -1 if spanned else epoch)
-
-    async def _read_again(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
-        """Drop a batch read before a rebalance and rewind its partitions that are still ours
-        to the group's committed offsets, so nothing in it is skipped: a read-ahead batch must
-        never be delivered under an assignment it was not read in (its commit could skip an
-        abandoned batch), and dropping it without rewinding could skip it."""
-        self._m.abandoned_batches.labels(self._name, "read_ahead").inc()
-        assigned = consumer.assignment()
-        try:
-            for topic, partition in next_offsets(records):
-                tp = TopicPartition(topic, partition)
-                if tp not in assigned:
-                    continue  # not ours now: its new owner starts from the committed offset
-                committed = await asyncio.wait_for(consumer.committed(tp), 10)
-                if committed is None:
-                    await consumer.seek_to_beginning(tp)  # as auto_offset_reset=earliest
-                else:
-                    consumer.seek(tp, committed)
-        except (KafkaError, TimeoutError) as exc:
-            # Cannot tell where to resume: a fresh consumer starts from the committed offsets.
-            log_event(
-                log,
-                "read_again_failed",
-                logging.WARNING,
-                sink=self._name,
-                error_type=type(exc).__name__,
-            )
-            self._restart.set()
+        return _Fetched(records, decoded, epoch)
 
     async def _handle_batch(
         self,
@@ -580,7 +568,6 @@ class Runner:
         self._forget(revoked)
 
     async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        self._epoch += 1
         self._last_fetch = time.monotonic()
         log_event(
             log,

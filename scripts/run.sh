@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make run`: a local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points elsewhere), the
 # topics, the gateway with a development API key, and the consumers on embedded defaults:
-# warehouse (DuckDB in .data/warehouse.duckdb, SQLite dedupe; WAREHOUSE_URL and DEDUPE_URL
-# override them), alerts (config/alert-rules.example.toml to the log, or ALERT_RULES_FILE),
-# and crm only when HUBSPOT_TOKEN is set. Everything in the foreground; Ctrl-C stops all.
+# warehouse (DuckDB in .data/warehouse.duckdb, its table its own dedupe store;
+# WAREHOUSE_URL and DEDUPE_URL override them), alerts (config/alert-rules.example.toml to
+# the log, or ALERT_RULES_FILE), and crm only when HUBSPOT_TOKEN is set. Everything in the
+# foreground; Ctrl-C stops all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
