@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,20 +330,37 @@ def warehouse_consumer_env(bootstrap: str, topic: str, port: int, **extra: str) 
 
 
 def drain(
-    name: str, bootstrap: str, topic: str, unique: int, env: dict[str, str]
+    name: str, bootstrap: str, topic: str, unique: int, env: dict[str, str], replicas: int = 1
 ) -> dict[str, Any]:
-    port = free_port()
+    """Time consumer processes of one group draining ``topic`` until ``unique`` rows."""
+    ports = [free_port() for _ in range(replicas)]
+    group = f"bench-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
-    with process(
-        PY,
-        "-m",
-        "consumers",
-        "warehouse",
-        env=warehouse_consumer_env(bootstrap, topic, port, CONSUMER_MAX_BATCH="2000", **env),
-    ) as proc:
+    with ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                process(
+                    PY,
+                    "-m",
+                    "consumers",
+                    "warehouse",
+                    env={
+                        **warehouse_consumer_env(
+                            bootstrap, topic, port, CONSUMER_MAX_BATCH="2000", **env
+                        ),
+                        "CONSUMER_GROUP": group,
+                    },
+                )
+            )
+            for port in ports
+        ]
         while True:
-            done = delivered_from_metrics(port)
-            if done >= unique or proc.poll() is not None or time.monotonic() - started > 1800:
+            done = sum(delivered_from_metrics(port) for port in ports)
+            if (
+                done >= unique
+                or any(proc.poll() is not None for proc in procs)
+                or time.monotonic() - started > 1800
+            ):
                 break
             time.sleep(0.25)
         seconds = time.monotonic() - started
@@ -352,6 +369,7 @@ def drain(
         "requests_per_second": round(unique / seconds),
         "events": unique,
         "seconds": round(seconds, 2),
+        "replicas": replicas,
         "errors": 0 if done >= unique else unique - done,
     }
 
@@ -583,6 +601,17 @@ def main() -> int:
                 {"WAREHOUSE_URL": pg_url, "WAREHOUSE_SCHEMA": "drain_pg"},
             )
         )
+        # Two consumer processes of one group (6 partitions each): the warehouse's scale-out.
+        scenarios.append(
+            drain(
+                "warehouse_drain_postgres_2_replicas",
+                bootstrap,
+                "bench-drain",
+                unique,
+                {"WAREHOUSE_URL": pg_url, "WAREHOUSE_SCHEMA": "drain_pg2"},
+                replicas=2,
+            )
+        )
         # The same with a separate Redis dedupe store (claim and confirm: two round trips).
         scenarios.append(
             drain(
@@ -640,6 +669,9 @@ def main() -> int:
             by_name, "gateway_saturation", "fastapi_send_and_wait_saturation"
         ),
         "warehouse_vs_copy": _ratio(by_name, "warehouse_drain_postgres", "postgres_copy_ceiling"),
+        "warehouse_2_replicas_vs_copy": _ratio(
+            by_name, "warehouse_drain_postgres_2_replicas", "postgres_copy_ceiling"
+        ),
     }
     report = {
         "profile": "quick" if args.quick else "full",
