@@ -30,7 +30,7 @@ from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_e
 from consumers.settings import ConsumerSettings
 from consumers.sinks import Delivery, Sink, TransientSinkError
 from onoff_events.cloudevents import rfc3339_now
-from onoff_events.kafka import PRODUCER_FATAL
+from onoff_events.kafka import PRODUCER_FATAL, abandon_producer
 from onoff_events.logs import log_event
 
 log = logging.getLogger("consumers.runner")
@@ -605,11 +605,8 @@ async def _stop_producer(producer: AIOKafkaProducer | None) -> None:
             await producer.stop()
     except (KafkaError, TimeoutError) as exc:
         log_event(log, "dlq_producer_stop_failed", logging.WARNING, error_type=type(exc).__name__)
-        # A stop cut short leaves the sender and its connections open: close them (aiokafka
-        # has no public way to abandon a flush; the gateway's publisher does the same).
         with contextlib.suppress(KafkaError, OSError):
-            await producer._sender.close()  # noqa: SLF001
-            await producer.client.close()
+            await abandon_producer(producer)
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer | None) -> None:

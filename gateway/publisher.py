@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from gateway.metrics import GatewayMetrics
 from onoff_events.cloudevents import Headers
-from onoff_events.kafka import PRODUCER_FATAL, KafkaSettings
+from onoff_events.kafka import PRODUCER_FATAL, KafkaSettings, abandon_producer
 from onoff_events.logs import log_event
 
 log = logging.getLogger("gateway.publisher")
@@ -248,7 +248,6 @@ class Publisher:
             # stop() waits for a flush that a dead cluster never allows; cut the cord so no
             # task or socket outlives us. Records still pending were never answered 200.
             log_event(log, "producer_close_timeout", logging.WARNING)
-            await producer._sender.close()  # noqa: SLF001 # no public way to abandon a flush
-            await producer.client.close()
+            await abandon_producer(producer)
         except KafkaError as exc:
             log_event(log, "producer_close_failed", logging.WARNING, error_type=type(exc).__name__)

@@ -1,4 +1,5 @@
-"""Kafka connection settings shared by the gateway and the consumers, and topic creation."""
+"""Kafka connection settings shared by the gateway and the consumers, topic creation, and
+closing a producer whose stop() cannot finish."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     IllegalStateError,
     InvalidProducerEpoch,
@@ -131,3 +133,11 @@ async def ensure_topics(
         return missing
     finally:
         await admin.close()
+
+
+async def abandon_producer(producer: AIOKafkaProducer) -> None:
+    """Close a producer whose stop() timed out (its flush never ends while the cluster is
+    away): its sender and connections, so no task or socket outlives it. aiokafka has no
+    public way to abandon a flush. Records still pending were never acknowledged."""
+    await producer._sender.close()  # noqa: SLF001
+    await producer.client.close()

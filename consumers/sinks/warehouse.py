@@ -88,27 +88,34 @@ DUCKDB_MIGRATIONS = (
 )
 
 
+# The columns taken from the Onoff payload, and its field for each: warehouse_row reads them
+# in Python (DuckDB, COPY); PostgreSQL's insert extracts the same fields itself (_PG_SELECT).
+FROM_PAYLOAD = {
+    "event_name": "eventName",
+    "direction": "smsDirection",
+    "user_name": "onoffUserName",
+    "user_email": "onoffUserEmail",
+    "user_number": "onoffUserNumber",
+    "external_number": "externalNumber",
+    "external_name": "externalName",
+    "external_email": "externalEmail",
+    "body": "body",
+}
+
+
 def warehouse_row(event: SmsRecord) -> tuple[Any, ...]:
     """The table row of one event, in COLUMNS order (pure)."""
     p = event.payload
-    return (
-        event.event_id,
-        p["eventName"],
-        p["smsDirection"],
-        event.sent_at,
-        p.get("onoffUserName"),
-        p.get("onoffUserEmail"),
-        p.get("onoffUserNumber"),
-        p.get("externalNumber"),
-        p.get("externalName"),
-        p.get("externalEmail"),
-        p.get("body"),
-        event.raw.decode(),
-        event.topic,
-        event.partition,
-        event.offset,
-        event.received_at,
-    )
+    known = {
+        "id": event.event_id,
+        "sent_at": event.sent_at,
+        "payload": event.raw.decode(),
+        "kafka_topic": event.topic,
+        "kafka_partition": event.partition,
+        "kafka_offset": event.offset,
+        "received_at": event.received_at,
+    }
+    return tuple(known[c] if c in known else p.get(FROM_PAYLOAD[c]) for c in COLUMNS)
 
 
 def _permanent(exc: BaseException) -> bool:
@@ -212,10 +219,7 @@ class PostgresWarehouse:
                 if not _permanent(exc):
                     raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
                 rejected[event.event_id] = f"postgres {exc.sqlstate}: {type(exc).__name__}"  # type: ignore[attr-defined]
-        held = frozenset(
-            e.event_id for e in events if e.event_id not in new and e.event_id not in rejected
-        )
-        return Delivery(rejected, held)
+        return Delivery(rejected, _held([e.event_id for e in events], new, rejected))
 
     async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> set[str]:
         """Insert; return the ids that were new (the others were already there)."""
@@ -285,7 +289,7 @@ class DuckDbWarehouse:
             except duckdb.Error as exc:
                 raise TransientSinkError(f"duckdb: {type(exc).__name__}") from exc
             else:
-                return Delivery(already_held=_held(rows, inserted))
+                return Delivery(already_held=_held([r[0] for r in rows], inserted))
             rejected: dict[str, str] = {}
             new: set[str] = set()
             for row in rows:
@@ -299,7 +303,7 @@ class DuckDbWarehouse:
                     rejected[row[0]] = f"duckdb: {type(exc).__name__}"
                 except duckdb.Error as exc:
                     raise TransientSinkError(f"duckdb: {type(exc).__name__}") from exc
-            return Delivery(rejected, _held([r for r in rows if r[0] not in rejected], new))
+            return Delivery(rejected, _held([r[0] for r in rows], new, rejected))
 
     def _insert_all(self, rows: list[tuple[Any, ...]]) -> set[str]:
         """Insert; return the ids that were new."""
@@ -314,20 +318,12 @@ class DuckDbWarehouse:
             await run_serialised(self._lock, db.close)
 
 
-# The text columns PostgreSQL extracts from the payload (``t.p``), as warehouse_row does in
-# Python for DuckDB and COPY; the other columns are the unnested parameters themselves.
+# The text columns PostgreSQL extracts from the payload (``t.p``); the other columns are the
+# unnested parameters themselves (``t.<column>``).
 _PG_SELECT = {
     "id": "t.p->>'id'",
-    "event_name": "t.p->>'eventName'",
-    "direction": "t.p->>'smsDirection'",
-    "user_name": "t.p->>'onoffUserName'",
-    "user_email": "t.p->>'onoffUserEmail'",
-    "user_number": "t.p->>'onoffUserNumber'",
-    "external_number": "t.p->>'externalNumber'",
-    "external_name": "t.p->>'externalName'",
-    "external_email": "t.p->>'externalEmail'",
-    "body": "t.p->>'body'",
     "payload": "t.p",
+    **{column: f"t.p->>'{field}'" for column, field in FROM_PAYLOAD.items()},
 }
 
 
@@ -349,9 +345,11 @@ def _split(events: Sequence[SmsRecord], parts: int) -> list[Sequence[SmsRecord]]
     return [events[i : i + size] for i in range(0, len(events), size)]
 
 
-def _held(rows: Sequence[tuple[Any, ...]], new: set[str]) -> frozenset[str]:
-    """The ids of ``rows`` the table already had: those the insert did not report as new."""
-    return frozenset(r[0] for r in rows if r[0] not in new)
+def _held(
+    ids: Sequence[str], new: set[str], rejected: Mapping[str, str] | None = None
+) -> frozenset[str]:
+    """The ids the table already had: neither reported new by the insert nor rejected."""
+    return frozenset(i for i in ids if i not in new and i not in (rejected or {}))
 
 
 def _duck_row(event: SmsRecord) -> tuple[Any, ...]:
