@@ -46,7 +46,17 @@ class _Fetched:
 
     records: list[Any]
     decoded: list[SmsRecord | PoisonRecord]
+    offsets: dict[tuple[str, int], int]  # to commit: one past the last record per partition
     epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Handling:
+    """One batch being delivered and committed, in its own task."""
+
+    task: asyncio.Task[None]
+    partitions: frozenset[TopicPartition]
+    records: int
 
 
 class BatchAbandoned(Exception):
@@ -69,17 +79,21 @@ class Runner:
         self._m = metrics
         self._name = settings.sink
         self._decoder = RecordDecoder()
+        # A sink whose result does not depend on batch order (every row keyed, nothing read
+        # back: the warehouse) takes the next batch while the previous one finishes. The CRM
+        # and alerts do depend on it (a contact created by one batch is found by the next).
+        self._overlap = bool(getattr(sink, "overlapping_batches", False))
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
         self._restart = asyncio.Event()
-        self._batch_lock = asyncio.Lock()
+        self._in_hand: set[asyncio.Task[None]] = set()  # batches handled, not yet finished
         self._epoch = 0  # bumped at each rebalance: tells a read-ahead batch it is stale
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._last_fetch = time.monotonic()
         self._lag_since: float | None = None
-        self._retrying = False
+        self._retrying = 0  # steps backing off now (two batches may be in hand)
         self._healthy = False
         self._retry_log: dict[str, float] = {}
 
@@ -140,6 +154,7 @@ class Runner:
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         self._last_fetch = time.monotonic()
         ahead: asyncio.Task[_Fetched] | None = None
+        handling: _Handling | None = None
         try:
             while not self._stop.is_set() and not self._restart.is_set():
                 try:
@@ -170,36 +185,72 @@ class Runner:
                     self._m.abandoned_batches.labels(self._name, "read_ahead").inc()
                     continue
                 self._last_fetch = time.monotonic()
-                # Read and decode the next batch while this one is delivered: the sink's round
-                # trips and our CPU work overlap instead of taking turns.
+                # Two stages overlap: the next batch is read and decoded while this one is
+                # delivered, and this one is delivered while the previous one finishes (its
+                # last insert, its commit). Commits stay in batch order: a batch commits only
+                # after the one before it did, and never if that one was abandoned.
                 ahead = asyncio.create_task(self._fetch(consumer), name=f"{self._name}-fetch")
-                async with self._batch_lock:
-                    try:
-                        await self._handle_batch(consumer, fetched.records, fetched.decoded)
-                    except BatchAbandoned:
-                        reason = "shutdown" if self._stop.is_set() else "rebalance"
-                        self._m.abandoned_batches.labels(self._name, reason).inc()
-                        log_event(
-                            log,
-                            "batch_abandoned",
-                            logging.WARNING,
-                            sink=self._name,
-                            reason=reason,
-                            records=len(fetched.records),
-                        )
-                        if self._stop.is_set():
-                            return
-                        # Read the batch again: back to the last offsets we committed.
-                        for topic, partition in next_offsets(fetched.records):
-                            tp = TopicPartition(topic, partition)
-                            if tp in consumer.assignment() and tp in self._committed:
-                                consumer.seek(tp, self._committed[tp])
-                    finally:
-                        self._last_fetch = time.monotonic()
+                previous, handling = handling, self._start_handling(consumer, fetched, handling)
+                if not self._overlap:
+                    previous, handling = handling, None  # this sink takes one batch at a time
+                if previous is not None and await self._finish(previous):
+                    if self._stop.is_set():
+                        return
+                    await self._read_again(consumer, previous, handling)
+                    handling = None
+                self._last_fetch = time.monotonic()
         finally:
             if ahead is not None:
                 # Its records are not committed: whoever reads these partitions next gets them.
                 await self._settle(ahead)
+            if handling is not None:
+                # Not cancelled: like any batch at a stop, it finishes its current step and
+                # commits, or gives up at its next retry.
+                await self._finish(handling)
+
+    def _start_handling(
+        self, consumer: AIOKafkaConsumer, fetched: _Fetched, previous: _Handling | None
+    ) -> _Handling:
+        task = asyncio.create_task(
+            self._handle_batch(consumer, fetched, previous.task if previous else None),
+            name=f"{self._name}-batch",
+        )
+        # on_revoked waits for every batch still in hand before the partitions move.
+        self._in_hand.add(task)
+        task.add_done_callback(self._in_hand.discard)
+        partitions = frozenset(TopicPartition(t, p) for t, p in fetched.offsets)
+        return _Handling(task, partitions, len(fetched.records))
+
+    async def _read_again(
+        self, consumer: AIOKafkaConsumer, abandoned: _Handling, after: _Handling | None
+    ) -> None:
+        """A batch was abandoned, so the one after it cannot commit either: wait for that
+        one, then read both again from the last offsets we committed."""
+        partitions = set(abandoned.partitions)
+        if after is not None:
+            await self._finish(after)
+            partitions |= after.partitions
+        for tp in partitions:
+            if tp in consumer.assignment() and tp in self._committed:
+                consumer.seek(tp, self._committed[tp])
+
+    async def _finish(self, handling: _Handling) -> bool:
+        """Wait for a batch's handling; True if it was abandoned (not committed)."""
+        try:
+            await handling.task
+        except BatchAbandoned:
+            reason = "shutdown" if self._stop.is_set() else "rebalance"
+            self._m.abandoned_batches.labels(self._name, reason).inc()
+            log_event(
+                log,
+                "batch_abandoned",
+                logging.WARNING,
+                sink=self._name,
+                reason=reason,
+                records=handling.records,
+            )
+            return True
+        return False
 
     async def _settle(self, task: asyncio.Task[Any]) -> None:
         """Cancel a helper task and wait for it; an error it ended with is logged, never
@@ -229,14 +280,15 @@ class Runner:
         epoch = self._epoch
         records = [r for tp in sorted(batches) for r in batches[tp]]
         decoded = [self._decoder.decode(r) for r in records]
-        return _Fetched(records, decoded, epoch)
+        return _Fetched(records, decoded, next_offsets(records), epoch)
 
     async def _handle_batch(
         self,
         consumer: AIOKafkaConsumer,
-        records: Sequence[Any],
-        decoded: Sequence[SmsRecord | PoisonRecord],
+        fetched: _Fetched,
+        previous: asyncio.Task[None] | None,
     ) -> None:
+        records, decoded = fetched.records, fetched.decoded
         self._m.consumed.labels(self._name).inc(len(records))
         self._m.batch_size.labels(self._name).observe(len(records))
         poison = [d for d in decoded if isinstance(d, PoisonRecord)]
@@ -264,10 +316,10 @@ class Runner:
         delivered = [e for e in todo if e.event_id not in rejected and e.event_id not in held]
         self._m.duplicates.labels(self._name).inc(len(held))
         self._m.delivered.labels(self._name).inc(len(delivered))
+        end_to_end = self._m.end_to_end_latency.labels(self._name)
         for event in delivered:
             if event.received_at is not None:
-                latency = (now - event.received_at).total_seconds()
-                self._m.end_to_end_latency.labels(self._name).observe(max(latency, 0.0))
+                end_to_end.observe(max((now - event.received_at).total_seconds(), 0.0))
 
         if poison or rejected:
             dlq_records = [self._poison_record(p) for p in poison] + [
@@ -278,11 +330,19 @@ class Runner:
             await self._until_done(lambda: self._send_dlq(dlq_records), "dlq")
         # Rejected events are handled too: a later copy must not be rejected again.
         await self._until_done(lambda: self._dedupe.confirm([e.event_id for e in todo]), "dedupe")
-        await self._commit(consumer, records)
+        if previous is not None:
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                # The batch before this one was not committed: committing this one would move
+                # the offsets past it. Both are read again; the dedupe store drops this one.
+                raise BatchAbandoned
+        await self._commit(consumer, fetched.offsets)
         self._set_healthy(healthy=True)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, records: Sequence[Any]) -> None:
-        offsets = {TopicPartition(t, p): o for (t, p), o in next_offsets(records).items()}
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, to_commit: dict[tuple[str, int], int]
+    ) -> None:
+        offsets = {TopicPartition(t, p): o for (t, p), o in to_commit.items()}
         try:
             await self._until_done(
                 lambda: consumer.commit(offsets),
@@ -310,37 +370,28 @@ class Runner:
         off, a stop or a partition revocation abandons the batch (BatchAbandoned)."""
         attempt = 0
         try:
-            return await self._retry_loop(step, stage, retry_if, attempt)
+            while True:
+                try:
+                    return await step()
+                except TRANSIENT as exc:
+                    if not retry_if(exc):
+                        raise
+                    if attempt == 0:
+                        self._retrying += 1
+                    self._set_healthy(healthy=False)
+                    self._m.retries.labels(self._name, stage).inc()
+                    if isinstance(exc, DedupeUnavailable):
+                        self._m.dedupe_errors.labels(self._name).inc()
+                    retry_after = exc.retry_after if isinstance(exc, TransientSinkError) else None
+                    delay = self._settings.backoff.delay(attempt, retry_after)
+                    self._log_retry(stage, exc, attempt, delay)
+                    attempt += 1
+                    if await self._interrupted_within(delay):
+                        raise BatchAbandoned from exc
         finally:
-            # Also when the batch is abandoned: a stale flag would blind the watchdog.
-            self._retrying = False
-
-    async def _retry_loop(
-        self,
-        step: Callable[[], Awaitable[T]],
-        stage: str,
-        retry_if: Callable[[BaseException], bool],
-        attempt: int,
-    ) -> T:
-        while True:
-            try:
-                result = await step()
-            except TRANSIENT as exc:
-                if not retry_if(exc):
-                    raise
-                self._retrying = True
-                self._set_healthy(healthy=False)
-                self._m.retries.labels(self._name, stage).inc()
-                if isinstance(exc, DedupeUnavailable):
-                    self._m.dedupe_errors.labels(self._name).inc()
-                retry_after = exc.retry_after if isinstance(exc, TransientSinkError) else None
-                delay = self._settings.backoff.delay(attempt, retry_after)
-                self._log_retry(stage, exc, attempt, delay)
-                attempt += 1
-                if await self._interrupted_within(delay):
-                    raise BatchAbandoned from exc
-            else:
-                return result
+            # Also when the batch is abandoned: a stale count would blind the watchdog.
+            if attempt > 0:
+                self._retrying -= 1
 
     async def _interrupted_within(self, seconds: float) -> bool:
         stop = asyncio.create_task(self._stop.wait())
@@ -563,7 +614,10 @@ class Runner:
         # healthy step finishes and commits. Either way, wait for it before letting go.
         self._epoch += 1  # a batch read ahead until now is not delivered
         self._abandon.set()
-        async with self._batch_lock:
+        try:
+            if self._in_hand:
+                await asyncio.wait(set(self._in_hand))
+        finally:
             self._abandon.clear()
         self._forget(revoked)
 

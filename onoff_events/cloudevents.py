@@ -24,14 +24,23 @@ def parse_rfc3339(text: str) -> datetime | None:
     fromisoformat refuses: upper-case, and a leap second becomes the last microsecond of
     its minute. A time without an offset is not RFC 3339.
     """
+    moment: datetime | None
+    try:
+        # The common case, and the gateway's own format: no normalising needed.
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = _normalised(text)
+    return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def _normalised(text: str) -> datetime | None:
     candidate = text.strip().upper()
     if len(candidate) > 19 and candidate[16:19] == ":60":
         candidate = candidate[:17] + "59.999999" + candidate[19:].lstrip("0123456789.")
     try:
-        moment = datetime.fromisoformat(candidate)
+        return datetime.fromisoformat(candidate)
     except ValueError:
         return None
-    return moment if moment.tzinfo is not None else None
 
 
 def rfc3339_now() -> str:

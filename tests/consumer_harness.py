@@ -86,6 +86,7 @@ class InProcessConsumer:
     sink_name: str = "warehouse"
     # Lets a test stand a real store behind a wrapper (to stop at a chosen step).
     wrap_dedupe: Any = None
+    wrap_sink: Any = None
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     runner: Runner | None = None
     task: asyncio.Task[None] | None = None
@@ -98,6 +99,8 @@ class InProcessConsumer:
         )
         if self.wrap_dedupe is not None:
             dedupe = self.wrap_dedupe(dedupe)
+        if self.wrap_sink is not None:
+            sink = self.wrap_sink(sink)
         self.runner = Runner(settings, sink, dedupe, ConsumerMetrics.create(self.registry))
         self.task = asyncio.create_task(self.runner.run())
         return self

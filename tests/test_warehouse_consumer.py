@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from consumers.records import SmsRecord
+from consumers.sinks import Delivery, TransientSinkError
 from onoff_events import schemas
 from tests.conftest import wait_until
 from tests.consumer_harness import (
@@ -174,6 +177,77 @@ async def test_consumer_killed_mid_batch_then_others_take_over_delivers_each_id_
     finally:
         for other in others:
             other.close()
+
+
+class FailsWhileHeld:
+    """The real sink, except that the batch holding ``held_id`` fails transiently (as in a
+    brief PostgreSQL error) while ``holding`` is set; other batches go through."""
+
+    def __init__(self, sink: Any, held_id: str) -> None:
+        self._sink = sink
+        self.name = sink.name
+        self.held_id = held_id
+        self.holding = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sink, name)
+
+    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+        if self.holding and any(e.event_id == self.held_id for e in events):
+            raise TransientSinkError("held by the test")
+        delivery: Delivery = await self._sink.deliver(events)
+        return delivery
+
+
+async def test_batch_delivered_while_the_one_before_retries_is_not_committed_before_it(
+    kafka_bootstrap: str, postgres_url: str, pg_schema: str
+) -> None:
+    """The warehouse delivers the next batch while the previous one finishes. If the previous
+    one cannot finish (a transient error, then a stop), the next one must not commit: its
+    commit would move the offset past events not yet in the table."""
+    topic = await make_topics(kafka_bootstrap, partitions=1)
+    events = [sms_event() for _ in range(30)]
+    await publish(kafka_bootstrap, topic, events)
+    env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        WAREHOUSE_URL=postgres_url,
+        WAREHOUSE_SCHEMA=pg_schema,
+        DEDUPE_URL="sink",
+        CONSUMER_MAX_BATCH="10",
+    )
+    group = env["CONSUMER_GROUP"]
+    held: list[FailsWhileHeld] = []
+
+    def hold_first_batch(sink: Any) -> FailsWhileHeld:
+        held.append(FailsWhileHeld(sink, events[0]["id"]))
+        return held[0]
+
+    async with InProcessConsumer(env, wrap_sink=hold_first_batch) as consumer:
+        # The second batch (offsets 10-19) is written while the first keeps failing...
+        rows = await wait_for_rows(postgres_url, pg_schema, 10, seconds=30)
+        assert {r["id"] for r in rows} == {e["id"] for e in events[10:20]}
+        await wait_until(
+            lambda: consumer.metric("onoff_consumer_retries_total", stage="deliver") >= 3,
+            30,
+            "retries of the first batch",
+        )
+        # ...and is not committed: nothing is, while the first batch is not in.
+        assert await committed_total(kafka_bootstrap, group) == 0
+    # The stop abandons the first batch at its next retry, and with it the second.
+    assert await committed_total(kafka_bootstrap, group) == 0
+    assert consumer.metric("onoff_consumer_abandoned_batches_total", reason="shutdown") == 2
+    assert len(await pg_rows(postgres_url, pg_schema)) == 10
+
+    # The next member of the group reads all three batches again: each id once.
+    async with InProcessConsumer(env) as again:
+        rows = await wait_for_rows(postgres_url, pg_schema, 30, seconds=30)
+        await wait_until(
+            lambda: again.metric("onoff_consumer_events_delivered_total") == 20, 10, "delivered"
+        )
+        assert again.metric("onoff_consumer_duplicates_dropped_total") == 10
+    assert await committed_total(kafka_bootstrap, group) == 30
+    assert {r["id"] for r in rows} == {e["id"] for e in events}
 
 
 async def test_postgres_down_for_a_while_holds_commits_then_delivers_everything(

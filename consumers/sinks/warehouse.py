@@ -188,6 +188,9 @@ class PostgresWarehouse:
     # The table's primary key is the dedupe store of DEDUPE_URL=sink: an insert says which ids
     # were new (RETURNING), so a duplicate costs no extra round trip.
     idempotent_by_key = True
+    # Rows are keyed and nothing is read back, so batches may overlap: the runner delivers the
+    # next batch while this one's last statement and commit finish.
+    overlapping_batches = True
 
     async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         assert self._pool is not None, "start() first"  # noqa: S101 # programming error
@@ -272,6 +275,7 @@ class DuckDbWarehouse:
             raise TransientSinkError(f"duckdb start: {type(exc).__name__}") from exc
 
     idempotent_by_key = True  # see PostgresWarehouse
+    overlapping_batches = True  # see PostgresWarehouse; one statement at a time all the same
 
     async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         import duckdb  # noqa: PLC0415
