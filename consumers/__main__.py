@@ -15,6 +15,7 @@ from consumers.settings import ConsumerSettings
 from consumers.sinks import SINKS, SinkConfigError
 from onoff_events import logs
 from onoff_events.logs import log_event
+from onoff_events.runtime import tune_garbage_collector
 from onoff_events.settings import SettingsError
 
 log = logging.getLogger("consumers")
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    tune_garbage_collector()
     try:
         import uvloop  # noqa: PLC0415
 

@@ -15,6 +15,7 @@ from gateway.app import LIFECYCLE, build_app
 from gateway.settings import GatewaySettings
 from onoff_events import logs
 from onoff_events.logs import log_event
+from onoff_events.runtime import tune_garbage_collector
 from onoff_events.settings import SettingsError
 
 log = logging.getLogger("gateway")
@@ -70,6 +71,7 @@ def main() -> int:
             logging.WARNING,
             detail="GATEWAY_INSECURE_DEV_NO_AUTH is set: every request is accepted unauthenticated",
         )
+    tune_garbage_collector()
     try:
         import uvloop  # noqa: PLC0415 # optional speed-up; absent on some platforms
 
