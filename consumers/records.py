@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from onoff_events.cloudevents import RECEIVED_TIME, parse_rfc3339
 from onoff_events.sms_event import Quarantined, SmsEventChecker
 
 
-@dataclass(frozen=True, slots=True)
-class SmsRecord:
-    """One SMS event as read from Kafka, with where it came from."""
+class SmsRecord(NamedTuple):
+    """One SMS event as read from Kafka, with where it came from. (A named tuple, not a
+    frozen dataclass: one is built per event, and a frozen dataclass takes five times as long
+    to build.)"""
 
     event_id: str
     payload: dict[str, Any]

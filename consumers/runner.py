@@ -316,10 +316,14 @@ class Runner:
         delivered = [e for e in todo if e.event_id not in rejected and e.event_id not in held]
         self._m.duplicates.labels(self._name).inc(len(held))
         self._m.delivered.labels(self._name).inc(len(delivered))
-        end_to_end = self._m.end_to_end_latency.labels(self._name)
-        for event in delivered:
-            if event.received_at is not None:
-                end_to_end.observe(max((now - event.received_at).total_seconds(), 0.0))
+        self._m.end_to_end_latency.observe_many(
+            self._name,
+            (
+                max((now - event.received_at).total_seconds(), 0.0)
+                for event in delivered
+                if event.received_at is not None
+            ),
+        )
 
         if poison or rejected:
             dlq_records = [self._poison_record(p) for p in poison] + [

@@ -8,7 +8,7 @@ and e-mails are personal data and these reasons reach logs, HTTP answers and the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jsonschema_rs
 import orjson
@@ -30,9 +30,9 @@ class SchemaProblem:
         return {"path": self.path, "keyword": self.keyword, "message": self.message}
 
 
-@dataclass(frozen=True, slots=True)
-class ValidSmsEvent:
-    """A body that meets the schema. ``raw`` is forwarded to Kafka byte for byte."""
+class ValidSmsEvent(NamedTuple):
+    """A body that meets the schema. ``raw`` is forwarded to Kafka byte for byte. (A named
+    tuple: one is built per request, and a frozen dataclass takes five times as long.)"""
 
     event_id: str
     date: str

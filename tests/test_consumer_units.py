@@ -8,9 +8,11 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from consumers.backoff import Backoff
 from consumers.dedupe import DedupeStore, RedisDedupe, SinkDedupe, SqliteDedupe, dedupe_from_url
+from consumers.metrics import SECONDS_BUCKETS, BatchHistogram
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
 from consumers.settings import ConsumerSettings
 from consumers.sinks.warehouse import _split
@@ -190,3 +192,24 @@ def test_a_batch_splits_into_at_most_n_contiguous_parts_in_order() -> None:
     assert [e for p in parts for e in p] == events
     assert _split(events[:2], 3) == [events[:1], events[1:2]]  # type: ignore[arg-type]
     assert _split([], 3) == []
+
+
+def test_batch_histogram_scrapes_exactly_like_a_prometheus_client_histogram() -> None:
+    """Same values in, same exposition out: dashboards and alert rules cannot tell them apart
+    (bucket edges included: a value equal to a bound counts in that bound's bucket)."""
+    values = [0.0, 0.004, 0.005, 0.0051, 0.3, 1.0, 59.9, 300.0, 301.0, 7200.0]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batch = BatchHistogram("e2e_seconds", "doc", SECONDS_BUCKETS, ours)
+    batch.observe_many("warehouse", values[:4])
+    batch.observe_many("warehouse", values[4:])
+    batch.observe_many("crm", [0.2])
+    reference = Histogram("e2e_seconds", "doc", ["sink"], buckets=SECONDS_BUCKETS, registry=theirs)
+    for value in values:
+        reference.labels("warehouse").observe(value)
+    reference.labels("crm").observe(0.2)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        lines = generate_latest(registry).decode().splitlines()
+        return sorted(line for line in lines if not line.startswith("#") and "_created" not in line)
+
+    assert samples(ours) == samples(theirs)

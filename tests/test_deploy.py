@@ -674,7 +674,9 @@ def _label_names(registry: CollectorRegistry) -> dict[str, frozenset[str]]:
     for collector in registry._collector_to_names:
         labels = frozenset(getattr(collector, "_labelnames", ()))
         for metric in collector.describe() if hasattr(collector, "describe") else []:
-            names[metric.name] = labels
+            # A custom collector (consumers.metrics.BatchHistogram) describes its labels in
+            # the family it yields.
+            names[metric.name] = labels or frozenset(getattr(metric, "_labelnames", ()))
     return names
 
 
