@@ -57,8 +57,8 @@ class Profile:
     e2e_seconds: int
 
 
-# 500k events keep the full run near 17 minutes on 2 cores (start-up is ~5% of a drain).
-FULL = Profile(30, (500, 2000, 5000), 20, 300, 2000, 500_000, 60)
+# 1M events per drain (the figure): start-up is ~2% of a drain; the full run takes ~20 minutes.
+FULL = Profile(30, (500, 2000, 5000), 20, 300, 2000, 1_000_000, 60)
 QUICK = Profile(2, (1000,), 2, 4, 1000, 5_000, 3)
 
 
