@@ -13,6 +13,7 @@ import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +197,10 @@ class PostgresWarehouse:
         assert self._pool is not None, "start() first"  # noqa: S101 # programming error
         # A batch goes in as a few statements on separate connections at once: the driver
         # encodes one part while PostgreSQL writes another. The runner passes each id once
-        # per batch, so the parts never contend for the same key.
-        parts = _split(events, self._parallel_inserts)
+        # per batch, so the parts never contend for the same key. Rows go in in id order:
+        # the statements of two batches in hand may share ids (copies in both), and taking
+        # the keys in one order makes one wait for the other instead of deadlocking.
+        parts = _split(sorted(events, key=_event_id), self._parallel_inserts)
         results = await asyncio.gather(
             *(self._insert_rows([_pg_row(e) for e in part]) for part in parts),
             return_exceptions=True,
@@ -341,6 +344,9 @@ def _pg_row(event: SmsRecord) -> tuple[Any, ...]:
         event.offset,
         event.received_at,
     )
+
+
+_event_id = attrgetter("event_id")
 
 
 def _split(events: Sequence[SmsRecord], parts: int) -> list[Sequence[SmsRecord]]:
