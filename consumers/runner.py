@@ -55,8 +55,7 @@ class _Handling:
     """One batch being delivered and committed, in its own task."""
 
     task: asyncio.Task[None]
-    partitions: frozenset[TopicPartition]
-    records: int
+    fetched: _Fetched
 
 
 class BatchAbandoned(Exception):
@@ -218,19 +217,19 @@ class Runner:
         # on_revoked waits for every batch still in hand before the partitions move.
         self._in_hand.add(task)
         task.add_done_callback(self._in_hand.discard)
-        partitions = frozenset(TopicPartition(t, p) for t, p in fetched.offsets)
-        return _Handling(task, partitions, len(fetched.records))
+        return _Handling(task, fetched)
 
     async def _read_again(
         self, consumer: AIOKafkaConsumer, abandoned: _Handling, after: _Handling | None
     ) -> None:
         """A batch was abandoned, so the one after it cannot commit either: wait for that
         one, then read both again from the last offsets we committed."""
-        partitions = set(abandoned.partitions)
+        partitions = set(abandoned.fetched.offsets)
         if after is not None:
             await self._finish(after)
-            partitions |= after.partitions
-        for tp in partitions:
+            partitions |= set(after.fetched.offsets)
+        for topic, partition in partitions:
+            tp = TopicPartition(topic, partition)
             if tp in consumer.assignment() and tp in self._committed:
                 consumer.seek(tp, self._committed[tp])
 
@@ -247,7 +246,7 @@ class Runner:
                 logging.WARNING,
                 sink=self._name,
                 reason=reason,
-                records=handling.records,
+                records=len(handling.fetched.records),
             )
             return True
         return False
