@@ -86,6 +86,7 @@ class ConsumerMetrics:
     dedupe_errors: Counter
     ready: Gauge
     commits: Counter
+    unexpected_errors: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> ConsumerMetrics:
@@ -176,5 +177,13 @@ class ConsumerMetrics:
             ),
             commits=Counter(
                 p + "commits", "Offset commits, by outcome.", ["sink", "outcome"], registry=registry
+            ),
+            unexpected_errors=Counter(
+                p + "unexpected_errors",
+                "Exceptions of no known kind, by stage and exception class. In delivery the "
+                "event that raises is isolated and dead-lettered (reason unexpected:<class>); "
+                "elsewhere the step is retried like a transient failure.",
+                ["sink", "stage", "error_type"],
+                registry=registry,
             ),
         )

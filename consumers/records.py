@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from onoff_events.cloudevents import RECEIVED_TIME, parse_rfc3339
@@ -47,6 +47,13 @@ class RecordDecoder:
         self._checker = SmsEventChecker()
 
     def decode(self, record: Any) -> SmsRecord | PoisonRecord:
+        """Never raises: whatever the bytes, the answer is an event or a poison record."""
+        try:
+            return self._decode(record)
+        except Exception as exc:  # noqa: BLE001 # a decoder bug must not stop the partition
+            return _poison(record, "invalid_event", f"undecodable: {type(exc).__name__}")
+
+    def _decode(self, record: Any) -> SmsRecord | PoisonRecord:
         value: bytes | None = record.value
         if value is None:
             return _poison(record, "invalid_event", "the record has no value (a tombstone)")
@@ -105,7 +112,9 @@ def _received_at(headers: Sequence[tuple[str, bytes | None]] | None) -> datetime
     for name, value in headers or ():
         if name == RECEIVED_TIME and isinstance(value, bytes):
             try:
-                return parse_rfc3339(value.decode())
-            except UnicodeDecodeError:
+                moment = parse_rfc3339(value.decode())
+                # Latency is computed in UTC: a time that has none (year 1 at +01:00) is unusable.
+                return moment.astimezone(UTC) if moment is not None else None
+            except (UnicodeDecodeError, OverflowError, ValueError):
                 return None
     return None

@@ -2,9 +2,9 @@
 
 Offsets are committed only after the sink acknowledged the whole batch, so a crash at any
 point re-reads what was not committed; the dedupe store and the sink's own idempotency make
-that re-read deliver nothing twice. Transient failures are retried with backoff on the same
-batch (never skipping, never re-reading it from Kafka); permanent rejections go to the sink's
-DLQ topic and the partition moves on.
+that re-read deliver nothing twice. What an exception means (transient, configuration,
+permanent for one event, unexpected) is decided in ``consumers.policy``; this module carries
+it out.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -26,6 +27,14 @@ from aiokafka.structs import TopicPartition
 
 from consumers.dedupe import DedupeStore, DedupeUnavailable
 from consumers.metrics import ConsumerMetrics
+from consumers.policy import (
+    TRANSIENT,
+    UNEXPECTED_PREFIX,
+    Fate,
+    fate_of,
+    unexpected_reason,
+    where_raised,
+)
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
 from consumers.settings import ConsumerSettings
 from consumers.sinks import Delivery, Sink, TransientSinkError
@@ -35,7 +44,6 @@ from onoff_events.logs import log_event
 
 log = logging.getLogger("consumers.runner")
 T = TypeVar("T")
-TRANSIENT = (TransientSinkError, DedupeUnavailable, KafkaError, OSError, TimeoutError)
 DLQ_SEND_TIMEOUT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 10.0
 
@@ -300,11 +308,7 @@ class Runner:
 
         started = time.perf_counter()
         try:
-            outcome = (
-                await self._until_done(lambda: self._sink.deliver(todo), "deliver")
-                if todo
-                else Delivery()
-            )
+            outcome = await self._deliver(todo) if todo else Delivery()
         except BatchAbandoned:
             with contextlib.suppress(*TRANSIENT):
                 await self._dedupe.release([e.event_id for e in todo])
@@ -342,6 +346,39 @@ class Runner:
         await self._commit(consumer, fetched.offsets)
         self._set_healthy(healthy=True)
 
+    async def _deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+        """Deliver ``events``; an unexpected exception splits them in halves until the event
+        that raises is alone, and that event alone is rejected (the policy's "permanent for
+        one event"). Its batch-mates are delivered: a sink is idempotent by event id."""
+        try:
+            return await self._until_done(partial(self._sink.deliver, events), "deliver")
+        except BatchAbandoned:
+            raise
+        except Exception as exc:  # noqa: BLE001 # the policy's 'unexpected': isolated below
+            self._count_unexpected("deliver", exc, len(events))
+            if len(events) == 1:
+                return Delivery({events[0].event_id: unexpected_reason(exc)})
+        middle = len(events) // 2
+        first = await self._deliver(events[:middle])
+        second = await self._deliver(events[middle:])
+        return Delivery(
+            {**first.rejected, **second.rejected}, first.already_held | second.already_held
+        )
+
+    def _count_unexpected(self, stage: str, exc: BaseException, events: int) -> None:
+        self._m.unexpected_errors.labels(self._name, stage, type(exc).__name__).inc()
+        log_event(
+            log,
+            "unexpected_error",
+            logging.ERROR,
+            sink=self._name,
+            stage=stage,
+            error_type=type(exc).__name__,
+            where=where_raised(exc),
+            events=events,
+            action="isolate" if stage == "deliver" else "retry",
+        )
+
     async def _commit(
         self, consumer: AIOKafkaConsumer, to_commit: dict[tuple[str, int], int]
     ) -> None:
@@ -370,13 +407,23 @@ class Runner:
         retry_if: Callable[[BaseException], bool] = lambda _: True,
     ) -> T:
         """Run ``step`` until it succeeds; back off between transient failures. While backing
-        off, a stop or a partition revocation abandons the batch (BatchAbandoned)."""
+        off, a stop or a partition revocation abandons the batch (BatchAbandoned).
+
+        An unexpected exception is raised from delivery (the caller isolates its event) and
+        retried like a transient failure anywhere else (no event can be blamed there)."""
         attempt = 0
         try:
             while True:
                 try:
                     return await step()
-                except TRANSIENT as exc:
+                except Exception as exc:
+                    fate = fate_of(exc)
+                    if fate is Fate.UNEXPECTED:
+                        # Delivery isolates the event; a sink that cannot start stops the
+                        # service (nothing can go on); BatchAbandoned is the runner's own.
+                        if stage in {"deliver", "sink_start"} or isinstance(exc, BatchAbandoned):
+                            raise
+                        self._count_unexpected(stage, exc, 0)
                     if not retry_if(exc):
                         raise
                     if attempt == 0:
@@ -433,22 +480,29 @@ class Runner:
     # --- the DLQ --------------------------------------------------------------------------
 
     def _rejected_record(self, event: SmsRecord, reason: str) -> tuple[bytes | None, bytes]:
-        return event.event_id.encode(), orjson.dumps(
-            {
-                "dlq_version": 1,
-                "stage": self._name,
-                "reason": "rejected_by_sink",
-                "detail": reason,
-                "event_id": event.event_id,
-                "rejected_at": rfc3339_now(),
-                "source": {
-                    "topic": event.topic,
-                    "partition": event.partition,
-                    "offset": event.offset,
-                },
-                "payload": event.payload,
-            }
-        )
+        record: dict[str, Any] = {
+            "dlq_version": 1,
+            "stage": self._name,
+            "reason": "rejected_by_sink",
+            "detail": reason,
+            "event_id": event.event_id,
+            "rejected_at": rfc3339_now(),
+            "source": {"topic": event.topic, "partition": event.partition, "offset": event.offset},
+            "payload": event.payload,
+        }
+        if reason.startswith(UNEXPECTED_PREFIX):
+            record["reason"] = reason
+            record["detail"] = (
+                f"the sink raised {reason.removeprefix(UNEXPECTED_PREFIX)} on this event alone "
+                "(its batch-mates were delivered); see the unexpected_error log line"
+            )
+        try:
+            return event.event_id.encode(), orjson.dumps(record)
+        except orjson.JSONEncodeError:
+            # Deeper than orjson writes (254 levels): keep the record's bytes as read instead.
+            del record["payload"]
+            record["raw_value_base64"] = base64.b64encode(event.raw).decode()
+            return event.event_id.encode(), orjson.dumps(record)
 
     def _poison_record(self, poison: PoisonRecord) -> tuple[bytes | None, bytes]:
         return poison.key, orjson.dumps(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -19,7 +19,11 @@ class TransientSinkError(Exception):
     """The sink cannot take the batch now (down, timeout, 5xx, 429); retry the same batch.
 
     ``retry_after`` is the sink's own hint in seconds (HTTP ``Retry-After``), when it gave one.
+    A subclass with ``configuration = True`` means our settings are wrong (credentials, an
+    address): retried the same way, and the service is unready until they are fixed.
     """
+
+    configuration: ClassVar[bool] = False
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)

@@ -14,7 +14,7 @@ import html
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -190,7 +190,7 @@ class CrmSink:
                 "hs_communication_channel_type": "SMS",
                 "hs_communication_logged_from": "CRM",
                 "hs_communication_body": communication_body(event.payload),
-                "hs_timestamp": event.sent_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+                "hs_timestamp": hubspot_timestamp(event),
                 self._id_property: event.event_id,
             },
             "associations": [{"to": {"id": contact}, "types": [
@@ -225,9 +225,8 @@ class CrmSink:
                 # A search speaks for the whole batch: no single event to set aside. Retry
                 # with backoff (visible in metrics and logs) rather than skip anything.
                 raise TransientSinkError(f"hubspot search refused: {exc}") from exc
-            answer = orjson.loads(data)
-            results.extend(answer.get("results", []))
-            after = answer.get("paging", {}).get("next", {}).get("after")
+            page_results, after = search_page(data)
+            results.extend(page_results)
             if not after:
                 return results
 
@@ -235,6 +234,37 @@ class CrmSink:
         self._logged[event_id] = communication
         if len(self._logged) > 100_000:
             self._logged.popitem(last=False)
+
+
+def search_page(data: bytes) -> tuple[list[dict[str, Any]], str | None]:
+    """The results and the next page's cursor of a 2xx search answer. An answer of another
+    shape (a proxy's page, an outage notice) speaks for the whole batch, not for one event:
+    transient, retried with backoff, never a crash and never a dead letter."""
+    try:
+        answer = orjson.loads(data)
+        results = answer.get("results", [])
+        after = (answer.get("paging") or {}).get("next", {}).get("after")
+    except (orjson.JSONDecodeError, AttributeError) as exc:
+        raise TransientSinkError(
+            f"hubspot search: unexpected answer ({type(exc).__name__})"
+        ) from exc
+    well_formed = isinstance(results, list) and all(
+        isinstance(r, dict) and "id" in r and isinstance(r.get("properties", {}), dict)
+        for r in results
+    )
+    if not well_formed:
+        raise TransientSinkError("hubspot search: unexpected answer (results)")
+    return [{"properties": {}, **r} for r in results], str(after) if after else None
+
+
+def hubspot_timestamp(event: SmsRecord) -> str:
+    """``hs_timestamp`` in UTC. The decoder only lets through dates that have a UTC time;
+    should one slip by anyway, the receive time stands in rather than the batch failing."""
+    try:
+        moment = event.sent_at.astimezone(UTC)
+    except (OverflowError, ValueError):
+        moment = (event.received_at or datetime.now(UTC)).astimezone(UTC)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def communication_body(payload: Mapping[str, Any]) -> str:

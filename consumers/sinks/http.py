@@ -39,11 +39,15 @@ class RequestRejected(Exception):
 class AuthRejected(TransientSinkError):
     """401/403: the credentials are wrong or lack a scope. Nothing moves until they are fixed."""
 
+    configuration = True
+
 
 class TargetMisconfigured(TransientSinkError):
     """A redirect, 404, 405 or 410: the configured address is wrong (a removed Slack webhook,
     a proxy's login page, a wrong path). Like bad credentials, events wait; none is skipped
     or dead-lettered for a mistake in our settings."""
+
+    configuration = True
 
 
 # Answers that mean our settings are wrong, not the payload.
