@@ -2,6 +2,10 @@
 
 The rules file is documented in docs/alert-rules.md. A bad file stops the alerts service at
 start with a message naming the rule and the problem (RulesError).
+
+Bodies are written by anyone who can text a company line, so matching must cost little and
+never depend on what the body holds: regex rules run on RE2 (linear in the text, no
+backtracking) and every rule reads at most the first ``MAX_MATCHED_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import re2
 
 RULE_KINDS = frozenset({"keyword", "regex", "opt_out", "burst", "blocklist"})
 TARGETS = frozenset({"log", "alertmanager", "slack", "pagerduty"})
@@ -21,6 +27,21 @@ DIRECTIONS = frozenset({"SENT", "RECEIVED"})
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_OPT_OUT_WORDS = ("STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "ARRET")
 MAX_EXCERPT = 160
+MAX_MATCHED_CHARS = 4096
+"""Rules read this many characters of a body, no more. Far above a real SMS (networks
+concatenate at most ~10 parts: ~1,530 GSM-7 or ~670 UCS-2 characters), so no genuine
+message is cut, while a forged 8 MiB body costs as much as a 4 KiB one. RE2 is already
+linear; this bounds the constant too (RE2's fallback engine costs text x pattern size, and
+keyword folding copies the text). docs/alert-rules.md says so for rule authors."""
+
+
+class CompiledPattern(Protocol):
+    """The part of a compiled RE2 pattern the rules use (google-re2 ships no types)."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def search(self, text: str) -> object | None: ...
 
 
 class RulesError(ValueError):
@@ -40,7 +61,7 @@ class Rule:
     # keyword / opt_out
     words: tuple[str, ...] = ()
     # regex
-    pattern: re.Pattern[str] | None = None
+    pattern: CompiledPattern | None = None
     # burst
     max_messages: int = 0
     window_minutes: float = 0.0
@@ -169,13 +190,7 @@ def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: 
         pattern = entry.get("pattern")
         if not isinstance(pattern, str) or not pattern:
             raise RulesError(f"{label}: 'pattern' must be a regular expression")
-        try:
-            compiled = re.compile(pattern, re.IGNORECASE)
-        except re.error as exc:
-            raise RulesError(
-                f"{label}: 'pattern' is not a valid regular expression: {exc}"
-            ) from None
-        return replace(rule, pattern=compiled)
+        return replace(rule, pattern=_compile_re2(label, pattern))
     if rule.kind == "burst":
         limit, window = entry.get("max_messages"), entry.get("window_minutes")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100_000:
@@ -200,6 +215,37 @@ def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: 
     return replace(rule, numbers=frozenset(normalised))
 
 
+def _re2_options() -> Any:
+    options = re2.Options()
+    # RE2 folds case by Unicode simple case folding: ÉTÉ matches été, as Python's re did.
+    options.case_sensitive = False
+    # A refused pattern is reported once, in RulesError; RE2 would also print it to stderr.
+    options.log_errors = False
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
+
+
+def _compile_re2(label: str, pattern: str) -> CompiledPattern:
+    """The pattern on RE2, or RulesError naming the rule. RE2 refuses what needs
+    backtracking (backreferences, lookahead/lookbehind), and Python-only syntax such as
+    \\Z (write \\z) or (?x); the message says what RE2 found, never any body."""
+    try:
+        compiled: CompiledPattern = re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else ""
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise RulesError(
+            f"{label}: 'pattern' is not a valid RE2 regular expression ({reason}); RE2 has no "
+            "backreferences or lookarounds, see docs/alert-rules.md#regex"
+        ) from None
+    return compiled
+
+
+# Python's re on purpose: keywords are whole Unicode words (ARRÊT, Größe), and \w+ alone
+# cannot backtrack (findall is linear); the text is cut to MAX_MATCHED_CHARS first anyway.
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -213,16 +259,21 @@ def stateless_matches(
     rules: Iterable[Rule], body: str, direction: str, sender: str | None
 ) -> list[Rule]:
     """Rules other than burst that this message matches. ``sender`` is the external number
-    in E.164 (None when it cannot be read)."""
-    words = set(_WORD.findall(_fold(body)))
-    return [r for r in rules if direction in r.directions and _matches(r, body, words, sender)]
+    in E.164 (None when it cannot be read). Only the first ``MAX_MATCHED_CHARS`` characters
+    are read: a pattern's ``$`` is the end of that part."""
+    body = body[:MAX_MATCHED_CHARS]
+    folded = _WORD.findall(_fold(body))
+    # Folded once per message, not once per rule: " a b c " finds phrases, the set words.
+    flat, words = f" {' '.join(folded)} ", set(folded)
+    return [
+        r for r in rules if direction in r.directions and _matches(r, body, words, flat, sender)
+    ]
 
 
-def _matches(rule: Rule, body: str, words: set[str], sender: str | None) -> bool:
+def _matches(rule: Rule, body: str, words: set[str], flat: str, sender: str | None) -> bool:
     if rule.kind == "keyword":
         # A word matches whole words; a phrase matches its words in a row, spacing ignored.
-        flat = " ".join(_WORD.findall(_fold(body)))
-        return any((w in words) if " " not in w else (f" {w} " in f" {flat} ") for w in rule.words)
+        return any((w in words) if " " not in w else (f" {w} " in flat) for w in rule.words)
     if rule.kind == "opt_out":
         return _is_opt_out(body, rule.words)
     if rule.kind == "regex":
@@ -262,5 +313,6 @@ def burst_fires(count_in_window: int, rule: Rule) -> bool:
 
 def excerpt(body: str) -> str:
     """A body excerpt for rules that allow one: short, single line."""
-    flat = " ".join(body.split())
+    # Only the part rules read is flattened: splitting a forged 8 MiB body costs for nothing.
+    flat = " ".join(body[:MAX_MATCHED_CHARS].split())
     return flat if len(flat) <= MAX_EXCERPT else flat[: MAX_EXCERPT - 1] + "…"

@@ -14,7 +14,7 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import TopicPartition
 
-from consumers.dedupe import DedupeStore, DedupeUnavailable
+from consumers.dedupe import ClaimHeld, DedupeStore, DedupeUnavailable
 from consumers.metrics import ConsumerMetrics
 from consumers.policy import (
     TRANSIENT,
@@ -90,6 +90,9 @@ class Runner:
         # back: the warehouse) takes the next batch while the previous one finishes. The CRM
         # and alerts do depend on it (a contact created by one batch is found by the next).
         self._overlap = bool(getattr(sink, "overlapping_batches", False))
+        # A sink bound by a vendor's pace (the CRM) says how many events fit the time a batch
+        # may take: no batch may outlive the group's rebalance timeout.
+        self._max_batch = min(settings.max_batch, getattr(sink, "max_batch_events", 10**9))
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
         self._restart = asyncio.Event()
@@ -99,10 +102,28 @@ class Runner:
         self._dlq: AIOKafkaProducer | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._last_fetch = time.monotonic()
+        # The loop's heartbeat: a fetch that returned (records or not), a step attempted, a
+        # rebalance callback. The watchdog judges this, not fetch times: a long healthy batch
+        # beats, a consumer stuck in a rebalance (aiokafka issue 1154) does not.
+        self._heartbeat = time.monotonic()
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._lag_since: float | None = None
         self._retrying = 0  # steps backing off now (two batches may be in hand)
         self._healthy = False
         self._retry_log: dict[str, float] = {}
+
+    @property
+    def alive(self) -> bool:
+        """False when the loop itself stopped: no heartbeat for twice the stall time (the
+        watchdog's own remedy, a new Kafka consumer, did not help) or the watchdog died.
+        /healthz reports it, so Kubernetes restarts the pod."""
+        watchdog = self._watchdog_task
+        if watchdog is not None and watchdog.done() and not watchdog.cancelled():
+            return False
+        return time.monotonic() - self._heartbeat < 2 * self._settings.stall_seconds
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -122,7 +143,7 @@ class Runner:
                 self._consumer = await self._until_done(self._start_consumer, "consumer_start")
                 # One watchdog per consumer, stopped before its consumer: a check still running
                 # on a stopped consumer would make aiokafka open a connection nobody closes.
-                watchdog = asyncio.create_task(
+                watchdog = self._watchdog_task = asyncio.create_task(
                     self._watchdog(self._consumer), name=f"{self._name}-watchdog"
                 )
                 try:
@@ -165,7 +186,13 @@ class Runner:
         try:
             while not self._stop.is_set() and not self._restart.is_set():
                 try:
-                    fetched = await (ahead if ahead is not None else self._fetch(consumer))
+                    fetching = ahead or asyncio.create_task(
+                        self._fetch(consumer), name=f"{self._name}-fetch"
+                    )
+                    ahead = None
+                    fetched = await self._unless_interrupted(fetching)
+                    if fetched is None:
+                        return  # stop, or the watchdog wants a new consumer
                 except KafkaError as exc:
                     # Fetch or group errors aiokafka does not retry itself (authorization during
                     # an ACL change, an undecodable batch): a fresh consumer after a pause.
@@ -214,6 +241,24 @@ class Runner:
                 # Not cancelled: like any batch at a stop, it finishes its current step and
                 # commits, or gives up at its next retry.
                 await self._finish(handling)
+
+    async def _unless_interrupted(self, fetching: asyncio.Task[_Fetched]) -> _Fetched | None:
+        """The fetch's result; None (the fetch cancelled) if a stop or a restart comes first:
+        aiokafka's getmany waits out a rebalance with no bound of its own."""
+        if fetching.done():
+            return fetching.result()
+        stop = asyncio.create_task(self._stop.wait())
+        restart = asyncio.create_task(self._restart.wait())
+        try:
+            await asyncio.wait({fetching, stop, restart}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (stop, restart):
+                waiter.cancel()
+            await asyncio.gather(stop, restart, return_exceptions=True)
+        if fetching.done():
+            return fetching.result()
+        await self._settle(fetching)
+        return None
 
     def _start_handling(
         self, consumer: AIOKafkaConsumer, fetched: _Fetched, previous: _Handling | None
@@ -280,11 +325,12 @@ class Runner:
     async def _fetch(self, consumer: AIOKafkaConsumer) -> _Fetched:
         """One ``getmany``, decoded, tagged with the rebalance epoch it was read in."""
         batches = await consumer.getmany(
-            timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_batch
+            timeout_ms=self._settings.poll_timeout_ms, max_records=self._max_batch
         )
         # Taken with no await since getmany returned: the records belong to the assignment in
         # force at this epoch (aiokafka's getmany waits out a reassignment in progress).
         epoch = self._epoch
+        self._beat()
         records = [r for tp in sorted(batches) for r in batches[tp]]
         decoded = [self._decoder.decode(r) for r in records]
         return _Fetched(records, decoded, next_offsets(records), epoch)
@@ -306,6 +352,22 @@ class Runner:
         todo = [e for e in unique if e.event_id not in done]
         self._m.duplicates.labels(self._name).inc(len(copies) + len(unique) - len(todo))
 
+        async with self._leased([e.event_id for e in todo]):
+            await self._deliver_claimed(todo, poison)
+        if previous is not None:
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                # The batch before this one was not committed: committing this one would move
+                # the offsets past it. Both are read again; the dedupe store drops this one.
+                raise BatchAbandoned
+        await self._commit(consumer, fetched.offsets)
+        self._set_healthy(healthy=True)
+
+    async def _deliver_claimed(
+        self, todo: Sequence[SmsRecord], poison: Sequence[PoisonRecord]
+    ) -> None:
+        """Deliver the claimed events, dead-letter what the sink refused and the poison, and
+        confirm the claims."""
         started = time.perf_counter()
         try:
             outcome = await self._deliver(todo) if todo else Delivery()
@@ -337,14 +399,6 @@ class Runner:
             await self._until_done(lambda: self._send_dlq(dlq_records), "dlq")
         # Rejected events are handled too: a later copy must not be rejected again.
         await self._until_done(lambda: self._dedupe.confirm([e.event_id for e in todo]), "dedupe")
-        if previous is not None:
-            await asyncio.wait([previous])
-            if previous.cancelled() or previous.exception() is not None:
-                # The batch before this one was not committed: committing this one would move
-                # the offsets past it. Both are read again; the dedupe store drops this one.
-                raise BatchAbandoned
-        await self._commit(consumer, fetched.offsets)
-        self._set_healthy(healthy=True)
 
     async def _deliver(self, events: Sequence[SmsRecord]) -> Delivery:
         """Deliver ``events``; an unexpected exception splits them in halves until the event
@@ -364,6 +418,39 @@ class Runner:
         return Delivery(
             {**first.rejected, **second.rejected}, first.already_held | second.already_held
         )
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, ids: Sequence[str]) -> AsyncIterator[None]:
+        """Renew our dedupe leases on ``ids`` while they are delivered, for a sink whose
+        leases settle (the CRM): another member then waits for us instead of writing the same
+        events while we still do."""
+        settle = float(getattr(self._sink, "takeover_settle_seconds", 0.0))
+        if settle <= 0 or not ids:
+            yield
+            return
+        renewer = asyncio.create_task(
+            self._renew_leases(ids, settle / 3), name=f"{self._name}-lease"
+        )
+        try:
+            yield
+        finally:
+            await self._settle(renewer)
+
+    async def _renew_leases(self, ids: Sequence[str], every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._dedupe.refresh(ids)
+            except TRANSIENT as exc:
+                # The lease then ages: another member may wait for it, never write over it
+                # early (it waits the whole settle time after our last renewal).
+                log_event(
+                    log,
+                    "lease_renewal_failed",
+                    logging.WARNING,
+                    sink=self._name,
+                    error_type=type(exc).__name__,
+                )
 
     def _count_unexpected(self, stage: str, exc: BaseException, events: int) -> None:
         self._m.unexpected_errors.labels(self._name, stage, type(exc).__name__).inc()
@@ -414,6 +501,7 @@ class Runner:
         attempt = 0
         try:
             while True:
+                self._beat()
                 try:
                     return await step()
                 except Exception as exc:
@@ -432,7 +520,9 @@ class Runner:
                     self._m.retries.labels(self._name, stage).inc()
                     if isinstance(exc, DedupeUnavailable):
                         self._m.dedupe_errors.labels(self._name).inc()
-                    retry_after = exc.retry_after if isinstance(exc, TransientSinkError) else None
+                    retry_after = (
+                        exc.retry_after if isinstance(exc, TransientSinkError | ClaimHeld) else None
+                    )
                     delay = self._settings.backoff.delay(attempt, retry_after)
                     self._log_retry(stage, exc, attempt, delay)
                     attempt += 1
@@ -599,10 +689,10 @@ class Runner:
             # A new group reads the topic from the start: nothing published is skipped.
             auto_offset_reset="earliest",
             max_poll_interval_ms=s.max_poll_interval_ms,
-            # on_revoked waits for the batch step in progress (an insert may take up to its
-            # 30 s command timeout): the broker must wait longer before evicting us.
-            rebalance_timeout_ms=90_000,
-            max_poll_records=s.max_batch,
+            # on_revoked waits for the batch in hand (an insert may take up to its 30 s
+            # command timeout), within a bound below this one.
+            rebalance_timeout_ms=s.rebalance_timeout_ms,
+            max_poll_records=self._max_batch,
         )
         consumer.subscribe([s.topic], listener=_Rebalance(self))
         try:
@@ -622,6 +712,21 @@ class Runner:
         self._lag_since = None
         while True:
             await asyncio.sleep(self._settings.watchdog_interval_seconds)
+            silent = time.monotonic() - self._heartbeat
+            if silent > self._settings.stall_seconds and not self._restart.is_set():
+                # No fetch returned and no step was tried for that long, assignment or not:
+                # the consumer is stuck (in a rebalance, on a frozen broker). A new one.
+                log_event(
+                    log,
+                    "kafka_consumer_no_progress",
+                    logging.ERROR,
+                    sink=self._name,
+                    silent_seconds=round(silent, 1),
+                )
+                self._m.restarts.labels(self._name, "no_progress").inc()
+                self._restart.set()
+                self._set_healthy(healthy=False)
+                continue
             assigned = list(consumer.assignment())
             if not assigned:
                 continue
@@ -644,9 +749,10 @@ class Runner:
             if self._lag_since is None:
                 self._lag_since = now
             # Stuck: records wait, and none arrived since they started waiting (or since the
-            # last batch). A batch held up by sink retries is not the consumer's fault.
+            # last batch). A batch held up by sink retries, or still being delivered, is not
+            # the consumer's fault.
             idle = now - max(self._lag_since, self._last_fetch)
-            if not self._retrying and idle > self._settings.stall_seconds:
+            if not self._retrying and not self._in_hand and idle > self._settings.stall_seconds:
                 log_event(
                     log,
                     "kafka_consumer_stalled",
@@ -669,17 +775,33 @@ class Runner:
     async def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         # A batch waiting to retry gives up (the new owner will deliver it); a batch in a
         # healthy step finishes and commits. Either way, wait for it before letting go.
+        self._beat()
         self._epoch += 1  # a batch read ahead until now is not delivered
         self._abandon.set()
         try:
             if self._in_hand:
-                await asyncio.wait(set(self._in_hand))
+                # Bounded: past the rebalance timeout the broker evicts us anyway. A batch
+                # still in hand then goes on; its commit fails (the new owner re-reads it) and
+                # its dedupe leases make the new owner wait for it instead of writing twice.
+                bound = self._settings.rebalance_timeout_ms / 1000 * 0.8
+                _, late = await asyncio.wait(set(self._in_hand), timeout=bound)
+                if late:
+                    self._m.abandoned_batches.labels(self._name, "revoke_timeout").inc(len(late))
+                    log_event(
+                        log,
+                        "revoke_timeout",
+                        logging.WARNING,
+                        sink=self._name,
+                        batches=len(late),
+                        waited_seconds=round(bound, 1),
+                    )
         finally:
             self._abandon.clear()
         self._forget(revoked)
 
     async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self._last_fetch = time.monotonic()
+        self._beat()
         log_event(
             log,
             "partitions_assigned",

@@ -22,6 +22,10 @@ log = logging.getLogger("consumers")
 
 def build_http(runner: Runner, registry: CollectorRegistry) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
+        if not runner.alive:
+            # The batch loop stopped beating and a new Kafka consumer did not help: only a
+            # new process will (Kubernetes restarts the pod on this answer).
+            return web.json_response({"status": "stuck"}, status=503)
         return web.json_response({"status": "alive"})
 
     async def readyz(_: web.Request) -> web.Response:

@@ -23,9 +23,10 @@ class ConsumerSettings:
     max_batch: int
     poll_timeout_ms: int
     max_poll_interval_ms: int
+    rebalance_timeout_ms: int
     host: str
     port: int
-    dedupe_url: str
+    dedupe_url: str = field(repr=False)  # may hold a password
     dedupe_ttl_seconds: int
     backoff: Backoff
     stall_seconds: float
@@ -56,6 +57,16 @@ class ConsumerSettings:
                 minimum=10_000,
                 maximum=3_600_000,
             ),
+            # How long the group waits for every member to hand its partitions over; a batch in
+            # hand finishes within it or is abandoned (read again by the next owner).
+            rebalance_timeout_ms=s.number(
+                env,
+                "CONSUMER_REBALANCE_TIMEOUT_MS",
+                90_000,
+                int,
+                minimum=5_000,
+                maximum=600_000,
+            ),
             host=s.text(env, "CONSUMER_HOST", "0.0.0.0"),  # noqa: S104 # containers listen on all
             port=s.number(env, "CONSUMER_PORT", 8081, int, minimum=1, maximum=65535),
             dedupe_url=s.text(env, "DEDUPE_URL", _default_dedupe_url(sink)),
@@ -85,7 +96,7 @@ class ConsumerSettings:
         )
 
     def describe(self) -> dict[str, Any]:
-        """As logged at start: the dedupe URL without its password."""
+        """As logged at start: the dedupe URL without its password or query-string secrets."""
         return {
             "sink": self.sink,
             "group_id": self.group_id,
@@ -93,7 +104,7 @@ class ConsumerSettings:
             "dlq_topic": self.dlq_topic,
             "max_batch": self.max_batch,
             "port": self.port,
-            "dedupe_url": _without_password(self.dedupe_url),
+            "dedupe_url": s.mask_url(self.dedupe_url),
             "dedupe_ttl_seconds": self.dedupe_ttl_seconds,
             "retry_initial_seconds": self.backoff.initial_seconds,
             "retry_max_seconds": self.backoff.max_seconds,
@@ -102,16 +113,6 @@ class ConsumerSettings:
             "kafka": self.kafka.describe(),
             "log_level": self.log_level,
         }
-
-
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit  # noqa: PLC0415
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def _default_dedupe_url(sink: str) -> str:

@@ -6,8 +6,10 @@ a plain dict in tests); nothing else in the code touches the environment.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -79,3 +81,36 @@ def log_level(env: Mapping[str, str]) -> str:
 def mask(secret: str) -> str:
     """How a secret is shown in start-up output: never any of its characters."""
     return "***" if secret else ""
+
+
+# Query parameters that carry credentials in the URLs we take (libpq's password and
+# sslpassword, redis-py's password, tokens and keys of HTTP APIs): any name containing one of
+# these words. Masking a harmless one (sslkey, a file path) costs nothing; missing one leaks.
+_SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|auth|credential|signature|sig$", re.I)
+
+
+def mask_url(url: str) -> str:
+    """A URL as shown in logs: the userinfo password and every secret-looking query value
+    replaced by ``***``; scheme, user, host, port, path and other parameters kept so an
+    operator still sees where it points. Never raises: a URL it cannot read is masked whole."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return mask(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal keeps its brackets
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{port}" if port is not None else "")
+    query = "&".join(_masked_parameter(p) for p in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _masked_parameter(pair: str) -> str:
+    name, sep, value = pair.partition("=")
+    if sep and value and _SECRET_PARAMETER.search(name):
+        return f"{name}=***"
+    return pair

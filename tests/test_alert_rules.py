@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consumers.alert_rules import (
+    MAX_MATCHED_CHARS,
+    Rule,
     RulesError,
     burst_fires,
     burst_peak,
@@ -44,7 +47,7 @@ def test_the_example_rules_file_loads() -> None:
         (one(kind="keyword", words=["a"], targets=["email"]), "rule 'r': 'targets'"),
         (one(kind="keyword", words=["a"], severity="meh"), "rule 'r': 'severity'"),
         (one(kind="keyword", words=["a"], pattern="x"), "rule 'r': unknown key(s) ['pattern']"),
-        (one(kind="regex", pattern="(unclosed"), "rule 'r': 'pattern' is not a valid regular"),
+        (one(kind="regex", pattern="(unclosed"), "rule 'r': 'pattern' is not a valid RE2 regular"),
         (one(kind="burst", max_messages=0, window_minutes=5), "rule 'r': 'max_messages'"),
         (one(kind="burst", max_messages=5), "rule 'r': 'window_minutes'"),
         (one(kind="blocklist", numbers=["not a number"]), "rule 'r': number #1 in 'numbers'"),
@@ -127,3 +130,101 @@ def test_accents_and_case_are_folded() -> None:
                         normalise).rules  # fmt: skip
     assert [r.name for r in stateless_matches(rules, "Arrêt svp", "RECEIVED", None)] == ["stop"]
     assert [r.name for r in stateless_matches(rules, "send an E-MAIL", "SENT", None)] == ["mail"]
+
+
+# --- regex rules run on RE2: linear time, whatever the body -----------------------------------
+
+SIXTY_KB = 60 * 1024
+
+
+def regex_rule(pattern: str) -> Rule:
+    return parse_rules(one(kind="regex", pattern=pattern), normalise).rules[0]
+
+
+def test_regex_rules_compile_with_re2_not_python_re() -> None:
+    """The engine is RE2 (linear in the text), not Python's backtracking ``re``."""
+    rule = regex_rule(r"(\w+\s?)+$")
+    assert type(rule.pattern).__module__ == "re2"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "body", "full_text_matches", "cut_text_matches"),
+    [
+        # Catastrophic for a backtracking engine: 3.7 s on 25 characters with Python's re.
+        (r"(\w+\s?)+$", "a" * SIXTY_KB + "!", False, True),  # the cut drops the "!"
+        (r"(\w+\s?)+$", "word " * (SIXTY_KB // 5) + "!", False, True),
+        # Quadratic for a backtracking engine: about 30 s on 60 KB of spaces.
+        (r"\s+$", " " * SIXTY_KB + "x", False, True),  # the cut drops the "x"
+        (r"\s+$", "x" + " " * SIXTY_KB, True, True),
+    ],
+)
+def test_backtracking_patterns_on_60_kb_bodies_finish_with_the_right_answer(
+    pattern: str, body: str, full_text_matches: bool, cut_text_matches: bool
+) -> None:
+    """Both on the whole 60 KB text (the engine alone) and through the rule matcher (which
+    reads the first MAX_MATCHED_CHARS characters): the right answer, in far less than the
+    seconds a backtracking engine needs. The bound is generous: speed targets are in bench/."""
+    rule = regex_rule(pattern)
+    assert type(rule.pattern).__module__ == "re2"
+    assert rule.pattern is not None
+    started = time.perf_counter()
+    assert (rule.pattern.search(body) is not None) is full_text_matches
+    assert bool(stateless_matches([rule], body, "RECEIVED", None)) is cut_text_matches
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    ("pattern", "construct"),
+    [
+        (r"(\w)\1", "backreference"),
+        (r"(?P<d>\d)(?P=d)", "backreference"),
+        (r"card(?=\d)", "lookahead"),
+        (r"(?<!no )stop", "lookbehind"),
+        (r"(?!x)y", "lookahead"),
+        (r"end\Z", r"\Z"),
+        (r"(?x) a b", "verbose"),
+    ],
+)
+def test_patterns_re2_cannot_run_are_refused_at_load_naming_the_rule(
+    pattern: str, construct: str
+) -> None:
+    """A Python-only construct is refused at start, not silently misread at match time."""
+    with pytest.raises(RulesError, match=r"^rule 'r': 'pattern' is not a valid RE2") as caught:
+        parse_rules(one(kind="regex", pattern=pattern), normalise)
+    assert "docs/alert-rules.md" in str(caught.value)
+
+
+def test_regex_rules_are_case_insensitive_beyond_ascii_and_classes_are_ascii() -> None:
+    """What docs/alert-rules.md says changed from Python's re: case folding is still Unicode,
+    but \\w, \\d, \\s and \\b are ASCII; \\p{L} and \\p{N} are the Unicode classes."""
+    rule = regex_rule(r"été|card")
+    assert stateless_matches([rule], "Bon ÉTÉ !", "RECEIVED", None) == [rule]
+    assert stateless_matches([rule], "CARD", "RECEIVED", None) == [rule]
+    assert stateless_matches([regex_rule(r"^\w+$")], "Arrêt", "RECEIVED", None) == []
+    assert stateless_matches([regex_rule(r"\bété\b")], "Bon été", "RECEIVED", None) == []
+    letters = regex_rule(r"^\p{L}+$")
+    assert stateless_matches([letters], "Arrêt", "RECEIVED", None) == [letters]
+    digits = regex_rule(r"^\p{N}+$")
+    assert stateless_matches([digits], "١٢٣", "RECEIVED", None) == [digits]  # Arabic-Indic
+
+
+def test_rules_read_only_the_first_max_matched_chars_of_a_body() -> None:
+    """Keywords and patterns see the first MAX_MATCHED_CHARS characters: the cost of one
+    message is bounded whatever its size; opt-outs read the first word only, as before."""
+    rules = parse_rules(
+        {"rule": [
+            {"name": "kw", "kind": "keyword", "words": ["urgent"]},
+            {"name": "rx", "kind": "regex", "pattern": "card"},
+        ]},
+        normalise,
+    ).rules  # fmt: skip
+    filler = "x " * (MAX_MATCHED_CHARS // 2)
+    assert len(filler) == MAX_MATCHED_CHARS
+    inside = filler[: MAX_MATCHED_CHARS - 12] + "urgent card"
+    assert {r.name for r in stateless_matches(rules, inside, "RECEIVED", None)} == {"kw", "rx"}
+    assert stateless_matches(rules, filler + "urgent card", "RECEIVED", None) == []
+
+
+def test_the_example_rules_compile_with_re2() -> None:
+    rules = load_rules(EXAMPLE, normalise)
+    assert all(type(r.pattern).__module__ == "re2" for r in rules.rules if r.kind == "regex")

@@ -10,12 +10,17 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 
+from consumers.sinks import SinkConfigError
+from consumers.sinks.alerts import alerts_from_env
+from consumers.sinks.burst import burst_store_from_url
 from onoff_events.logs import JsonFormatter, quiet_libraries
 from tests.conftest import ROOT, wait_until
 from tests.consumer_harness import InProcessConsumer, consumer_env, make_topics, publish
@@ -67,6 +72,8 @@ def alerts_env(
     settings = {
         "ALERT_RULES_FILE": str(rules),
         "DEDUPE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+        # Required as soon as a rule sends beyond the log (test_..._needs_a_secret_sender_key).
+        "ALERT_SENDER_KEY": "test-sender-key-" + uuid.uuid4().hex,
         **extra,
     }
     return consumer_env(bootstrap, topic, **settings)
@@ -331,3 +338,76 @@ targets = ["slack"]
         slack.webhooks.add(removed)  # the admin recreates the webhook
         await wait_until(lambda: len(slack.messages) == 1, 30, "the alert, once the hook exists")
     assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+
+
+SLACK_RULE = """
+[[rule]]
+name = "urgent"
+kind = "keyword"
+words = ["urgent"]
+targets = ["log", "slack"]
+"""
+
+
+@pytest.mark.parametrize("key", [None, "", "onoff-events", "abc123"])
+def test_a_target_other_than_log_needs_a_secret_sender_key(tmp_path: Path, key: str | None) -> None:
+    """Sender ids are HMACs of phone numbers: with the public default key (or none, or a
+    guessable one) they can be reversed, so the service refuses to start when an alert leaves
+    the process, naming the variable and never echoing its value."""
+    env = {
+        "ALERT_RULES_FILE": str(write_rules(tmp_path / "rules.toml", SLACK_RULE)),
+        "SLACK_WEBHOOK_URL": "http://127.0.0.1:9/services/T0/B0/X",
+        "DEDUPE_URL": f"sqlite:///{tmp_path}/state.sqlite3",
+    }
+    if key is not None:
+        env["ALERT_SENDER_KEY"] = key
+    with pytest.raises(SinkConfigError, match=r"^ALERT_SENDER_KEY: .*slack") as caught:
+        alerts_from_env(env, CollectorRegistry())
+    if key:
+        assert key not in str(caught.value)
+    assert not (tmp_path / "state.sqlite3").exists()  # refused before opening anything
+
+
+def test_the_service_exits_at_start_without_a_sender_key_for_slack(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "consumers", "alerts"],
+        cwd=ROOT,
+        capture_output=True,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "ALERT_RULES_FILE": str(write_rules(tmp_path / "rules.toml", SLACK_RULE)),
+            "SLACK_WEBHOOK_URL": "http://127.0.0.1:9/services/T0/B0/X",
+            "DEDUPE_URL": f"sqlite:///{tmp_path}/s.sqlite3",
+        },
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "invalid setting: ALERT_SENDER_KEY: is not set" in done.stderr.decode()
+
+
+async def test_a_log_only_run_keeps_the_default_sender_key_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``make run`` sends alerts to the log only: ids stay on the machine, next to the events."""
+    rules = write_rules(tmp_path / "rules.toml", SLACK_RULE.replace('"log", "slack"', '"log"'))
+    caplog.set_level(logging.WARNING, "consumers.alerts")
+    sink = alerts_from_env(
+        {"ALERT_RULES_FILE": str(rules), "DEDUPE_URL": f"sqlite:///{tmp_path}/s.sqlite3"},
+        CollectorRegistry(),
+    )
+    await sink.close()
+    assert "alert_sender_key_default" in caplog.text
+
+
+async def test_never_fired_is_earlier_than_any_event_date_so_old_bursts_fire(
+    tmp_path: Path,
+) -> None:
+    """A burst fires only past the store's "fired until" time: for a rule that never fired it
+    must be earlier than any event's date, pre-1970 ones (negative timestamps) included; a
+    store answering 0 kept those bursts silent."""
+    store = burst_store_from_url(f"sqlite:///{tmp_path}/burst.sqlite3", "test")
+    try:
+        assert await store.fired_until("never-seen") < datetime(1, 1, 2, tzinfo=UTC).timestamp()
+    finally:
+        await store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -135,6 +136,9 @@ class StopsBeforeConfirm:
     async def release(self, ids: Sequence[str]) -> None:
         await self._store.release(ids)
 
+    async def refresh(self, ids: Sequence[str]) -> None:
+        await self._store.refresh(ids)
+
     async def ping(self) -> None:
         await self._store.ping()
 
@@ -142,13 +146,37 @@ class StopsBeforeConfirm:
         await self._store.close()
 
 
+def creates_per_event(fake: FakeHubSpot) -> Counter[str]:
+    """Communications HubSpot created, per Onoff id: every successful create request counted
+    (the fake keeps no unique key, so a second create would be a second communication)."""
+    return Counter(
+        r.json["properties"]["onoff_event_id"]
+        for r in fake.requests
+        if r.method == "POST" and r.path == "/crm/v3/objects/communications" and r.status == 201
+    )
+
+
 async def test_killed_between_create_and_confirm_still_one_communication(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """HubSpot's search shows a new communication seconds after its create (search_lag): the
+    restarted consumer must not trust a search made before the dead one's creates show."""
+    hubspot = FakeHubSpot(search_lag=1.5)
+    await hubspot.start()
+    try:
+        await _killed_between_create_and_confirm(kafka_bootstrap, hubspot, tmp_path)
+    finally:
+        await hubspot.close()
+
+
+async def _killed_between_create_and_confirm(
     kafka_bootstrap: str, hubspot: FakeHubSpot, tmp_path: Path
 ) -> None:
     contact = add_contact(hubspot, phone="+33612345678")
+    await asyncio.sleep(hubspot.search_lag)  # the contact is searchable from here on
     topic = await make_topics(kafka_bootstrap, sink="crm")
     events = [sms_event(externalNumber="+33612345678") for _ in range(3)]
-    env = crm_env(kafka_bootstrap, topic, hubspot, tmp_path)
+    env = crm_env(kafka_bootstrap, topic, hubspot, tmp_path, CRM_CREATE_RETRY_SECONDS="2")
     wrappers: list[StopsBeforeConfirm] = []
 
     def wrap(store: DedupeStore) -> StopsBeforeConfirm:
@@ -172,6 +200,7 @@ async def test_killed_between_create_and_confirm_still_one_communication(
             "the re-read batch committed",
         )
         assert restarted.metric("onoff_consumer_events_consumed_total") == 3  # read again
+    assert creates_per_event(hubspot) == Counter({e["id"]: 1 for e in events})
     assert len(hubspot.communications) == 3
     assert {c.properties["onoff_event_id"] for c in hubspot.communications} == {
         e["id"] for e in events
@@ -250,3 +279,48 @@ async def test_rejected_token_makes_the_service_unready_and_consumes_nothing(
         hubspot.token = "pat-na1-revoked"  # noqa: S105 # the admin fixes the token
         await wait_until(lambda: len(hubspot.communications) == 4, 30, "delivery after the fix")
         await wait_until(lambda: consumer.metric("onoff_consumer_ready") == 1, 10, "ready")
+
+
+async def test_rolling_restart_mid_batch_at_hubspots_pace_creates_nothing_twice(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A second member joins (a rolling update's new pod) while the first is in the middle of
+    a slow CRM batch, with HubSpot's search lagging its creates by 3 s and a short rebalance
+    timeout (10 s). Whether the first member finishes within the revoke bound or is evicted
+    while still creating, every SMS is created exactly once: counted per create request."""
+    fake = FakeHubSpot(search_lag=3.0)
+    fake.response_delay = 0.15
+    await fake.start()
+    try:
+        numbers = [f"+3361200{i:04d}" for i in range(6)]
+        for number in numbers:
+            add_contact(fake, phone=number)
+        await asyncio.sleep(fake.search_lag)  # the contacts are searchable from here on
+        topic = await make_topics(kafka_bootstrap, partitions=2, sink="crm")
+        events = [sms_event(externalNumber=numbers[i % 6]) for i in range(60)]
+        env = crm_env(
+            kafka_bootstrap,
+            topic,
+            fake,
+            tmp_path,
+            CRM_REQUESTS_PER_10S="30",  # 3 requests/s: batches of 20 events (about 7 s)
+            CRM_CREATE_RETRY_SECONDS="3",
+            CONSUMER_REBALANCE_TIMEOUT_MS="10000",
+        )
+        await publish(kafka_bootstrap, topic, events)
+        async with InProcessConsumer(env, sink_name="crm") as first:
+            await wait_until(lambda: len(fake.communications) >= 5, 60, "first creates")
+            async with InProcessConsumer(env, sink_name="crm") as second:
+                await wait_until(lambda: len(fake.communications) >= 60, 120, "all 60 logged")
+                await asyncio.sleep(4)  # a late duplicate would land here
+                consumed = first.metric("onoff_consumer_events_consumed_total") + second.metric(
+                    "onoff_consumer_events_consumed_total"
+                )
+                assert consumed >= 60
+                assert second.metric("onoff_consumer_events_consumed_total") > 0, (
+                    "the second member never got a partition: no rebalance was tested"
+                )
+        assert creates_per_event(fake) == Counter({e["id"]: 1 for e in events})
+        assert len(fake.communications) == 60
+    finally:
+        await fake.close()

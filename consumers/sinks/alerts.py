@@ -33,7 +33,7 @@ from consumers.alert_rules import (
 from consumers.phones import masked, phone_region, to_e164
 from consumers.records import SmsRecord
 from consumers.sinks import Delivery, SinkConfigError
-from consumers.sinks.burst import BurstStore, burst_store_from_url
+from consumers.sinks.burst import NEVER_FIRED, BurstStore, burst_store_from_url
 from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
 from onoff_events import settings as s
 from onoff_events.logs import log_event
@@ -74,18 +74,7 @@ class LogTarget:
 
     async def send(self, alerts: Sequence[Alert]) -> None:
         for a in alerts:
-            log_event(
-                log,
-                "alert",
-                logging.WARNING,
-                rule=a.rule.name,
-                kind=a.rule.kind,
-                severity=a.rule.severity,
-                sender_id=a.sender_id,
-                topic=a.event.topic,
-                partition=a.event.partition,
-                offset=a.event.offset,
-            )
+            log_event(log, "alert", logging.WARNING, **log_fields(a))
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -104,7 +93,7 @@ class AlertmanagerTarget:
     async def send(self, alerts: Sequence[Alert]) -> None:
         if not alerts:
             return
-        await self._api.call("POST", self._url, [_alertmanager_alert(a) for a in alerts])
+        await self._api.call("POST", self._url, [alertmanager_alert(a) for a in alerts])
         self._api.count_delivered(len(alerts))
 
     async def close(self) -> None:
@@ -121,7 +110,7 @@ class SlackTarget:
 
     async def send(self, alerts: Sequence[Alert]) -> None:
         for a in alerts:
-            await self._api.call("POST", self._url, _slack_message(a))
+            await self._api.call("POST", self._url, slack_message(a))
             self._api.count_delivered()
 
     async def close(self) -> None:
@@ -139,7 +128,7 @@ class PagerDutyTarget:
 
     async def send(self, alerts: Sequence[Alert]) -> None:
         for a in alerts:
-            await self._api.call("POST", self._url, _pagerduty_event(a, self._routing_key))
+            await self._api.call("POST", self._url, pagerduty_event(a, self._routing_key))
             self._api.count_delivered()
 
     async def close(self) -> None:
@@ -206,7 +195,9 @@ class AlertsSink:
             if alert.rule.kind == "burst":
                 window = alert.rule.window_minutes * 60
                 # Quiet for one window after the busy one: the same burst never fires twice.
-                end = self._firing_ends.get(self._burst_key(alert.rule, alert.sender_id), 0.0)
+                end = self._firing_ends.get(
+                    self._burst_key(alert.rule, alert.sender_id), NEVER_FIRED
+                )
                 await self._burst.mark_fired(
                     self._burst_key(alert.rule, alert.sender_id),
                     max(end, alert.event.sent_at.timestamp()) + window,
@@ -290,7 +281,31 @@ def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _alertmanager_alert(a: Alert) -> dict[str, Any]:
+def _utc_rfc3339(moment: datetime) -> str | None:
+    """``moment`` in UTC, or None when UTC cannot hold it: a valid RFC 3339 time at the edges
+    of years 0001 and 9999 (9999-12-31T23:59:59-01:00 is in year 10000 in UTC) makes Python's
+    ``astimezone`` raise OverflowError, and one event must never stop the consumer."""
+    try:
+        return _rfc3339(moment)
+    except OverflowError:
+        return None
+
+
+def log_fields(a: Alert) -> dict[str, Any]:
+    """The ``alert`` log line's fields: no number, no body, nothing from the event's text."""
+    return {
+        "rule": a.rule.name,
+        "kind": a.rule.kind,
+        "severity": a.rule.severity,
+        "sender_id": a.sender_id,
+        "topic": a.event.topic,
+        "partition": a.event.partition,
+        "offset": a.event.offset,
+    }
+
+
+def alertmanager_alert(a: Alert) -> dict[str, Any]:
+    """One alert of Alertmanager's ``POST /api/v2/alerts`` body."""
     annotations = {
         "summary": a.summary,
         "description": a.description,
@@ -313,7 +328,9 @@ def _alertmanager_alert(a: Alert) -> dict[str, Any]:
     }
 
 
-def _slack_message(a: Alert) -> dict[str, Any]:
+def slack_message(a: Alert) -> dict[str, Any]:
+    """The body of a Slack incoming-webhook post."""
+
     # Slack's mrkdwn control characters, escaped as Slack documents: a message saying
     # "<!channel>" must not notify the channel.
     def escape(text: str) -> str:
@@ -325,7 +342,11 @@ def _slack_message(a: Alert) -> dict[str, Any]:
     return {"text": text}
 
 
-def _pagerduty_event(a: Alert, routing_key: str) -> dict[str, Any]:
+def pagerduty_event(a: Alert, routing_key: str) -> dict[str, Any]:
+    """An Events API v2 ``trigger``. ``payload.timestamp`` is the SMS's date in UTC; when UTC
+    cannot hold that date (the edges of years 0001 and 9999), it is the gateway's receive
+    time, or absent when that is unknown too (the field is optional), and
+    ``custom_details.sms_date`` keeps the date as Onoff sent it."""
     details: dict[str, Any] = {
         "description": a.description,
         "sender_id": a.sender_id,
@@ -333,20 +354,27 @@ def _pagerduty_event(a: Alert, routing_key: str) -> dict[str, Any]:
     }
     if a.body_excerpt is not None:
         details["body_excerpt"] = a.body_excerpt
+    payload: dict[str, Any] = {
+        "summary": f"{a.summary} [{a.rule.name}]"[:1024],
+        "source": "onoff-events",
+        "severity": a.rule.severity,
+        "component": "sms",
+        "group": a.rule.name,
+        "class": a.rule.kind,
+        "custom_details": details,
+    }
+    timestamp = _utc_rfc3339(a.event.sent_at)
+    if timestamp is None:
+        details["sms_date"] = str(a.event.payload.get("date", a.event.sent_at.isoformat()))
+        if a.event.received_at is not None:
+            timestamp = _utc_rfc3339(a.event.received_at)
+    if timestamp is not None:
+        payload["timestamp"] = timestamp
     return {
         "routing_key": routing_key,
         "event_action": "trigger",
         "dedup_key": a.dedup_key,
-        "payload": {
-            "summary": f"{a.summary} [{a.rule.name}]"[:1024],
-            "source": "onoff-events",
-            "severity": a.rule.severity,
-            "timestamp": _rfc3339(a.event.sent_at),
-            "component": "sms",
-            "group": a.rule.name,
-            "class": a.rule.kind,
-            "custom_details": details,
-        },
+        "payload": payload,
     }
 
 
@@ -383,6 +411,7 @@ def alerts_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> Aler
                     f"ALERT_RULES_FILE: rule {rule.name!r}: target "
                     f"{target!r} needs {needs[target]} to be set"
                 )
+    sender_key = _sender_key(env, rules.targets)
     state_url = s.text(env, "ALERT_STATE_URL", "") or s.text(
         env, "DEDUPE_URL", "sqlite:///.data/alerts-state.sqlite3"
     )
@@ -390,18 +419,45 @@ def alerts_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> Aler
         burst = burst_store_from_url(state_url, s.text(env, "CONSUMER_GROUP", "onoff-alerts"))
     except ValueError as exc:
         raise SinkConfigError(f"ALERT_STATE_URL: {exc}") from None
-    if not env.get("ALERT_SENDER_KEY"):
-        log_event(
-            log,
-            "alert_sender_key_default",
-            logging.WARNING,
-            detail="set ALERT_SENDER_KEY: sender ids use a public default key",
-        )
     return AlertsSink(
         registry,
         rules=rules,
         targets={t: available[t]() for t in sorted(rules.targets)},
         burst=burst,
         region=region,
-        sender_key=env.get("ALERT_SENDER_KEY", "onoff-events").encode(),
+        sender_key=sender_key,
     )
+
+
+DEFAULT_SENDER_KEY = "onoff-events"
+MIN_SENDER_KEY_CHARS = 16
+
+
+def _sender_key(env: Mapping[str, str], targets: frozenset[str]) -> bytes:
+    """``ALERT_SENDER_KEY``: the HMAC key that turns phone numbers into sender ids.
+
+    With a known key, anyone can hash every number of a country (about a billion) and read
+    the numbers back from the ids, so a key that is public, empty or short is refused as soon
+    as an alert leaves the process (Alertmanager, Slack, PagerDuty). A log-only run (``make
+    run``'s embedded default) keeps the public default, with a warning: its ids stay on the
+    machine, next to the events themselves.
+    """
+    key = env.get("ALERT_SENDER_KEY", "")
+    outside = sorted(targets - {"log"})
+    if outside and (key == DEFAULT_SENDER_KEY or len(key.strip()) < MIN_SENDER_KEY_CHARS):
+        # The value is never shown: it is a secret, even a weak one.
+        problem = "is not set" if not key else "is the public default or too short"
+        raise SinkConfigError(
+            f"ALERT_SENDER_KEY: {problem}; rules send alerts to {', '.join(outside)}, so "
+            f"set a random secret of at least {MIN_SENDER_KEY_CHARS} characters (sender ids "
+            "made with a known key can be reversed to phone numbers)"
+        )
+    if not key:
+        log_event(
+            log,
+            "alert_sender_key_default",
+            logging.WARNING,
+            detail="set ALERT_SENDER_KEY: sender ids use a public default key (log only)",
+        )
+        return DEFAULT_SENDER_KEY.encode()
+    return key.encode()

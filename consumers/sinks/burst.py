@@ -25,6 +25,9 @@ from consumers.blocking import run_serialised
 from consumers.sinks import TransientSinkError
 
 T = TypeVar("T")
+NEVER_FIRED = float("-inf")
+"""``fired_until`` of a key whose rule never fired. Not 0: an event dated before 1970 has a
+negative time, and a 0 there kept such bursts from ever firing."""
 
 # KEYS[1] the sender's set; ARGV: event time, event id, window (s), ttl (ms). Returns the
 # times of the sender's messages within one window either side of the event.
@@ -45,7 +48,8 @@ class BurstStore(Protocol):
         ...
 
     async def fired_until(self, key: str) -> float:
-        """Event time until which the rule must not fire again for the key (0: never fired)."""
+        """Event time until which the rule must not fire again for the key (NEVER_FIRED:
+        never fired)."""
         ...
 
     async def mark_fired(self, key: str, until: float, window: float) -> None: ...
@@ -74,7 +78,7 @@ class RedisBurstStore:
             value = await self._client.get(self._prefix + key + ":fired")
         except (RedisError, OSError) as exc:
             raise TransientSinkError(f"burst state: {type(exc).__name__}") from exc
-        return float(value) if value is not None else 0.0
+        return float(value) if value is not None else NEVER_FIRED
 
     async def mark_fired(self, key: str, until: float, window: float) -> None:
         try:
@@ -125,7 +129,7 @@ class SqliteBurstStore:
             row = self._db.execute(
                 "SELECT until FROM burst_fired WHERE key = ?", (self._prefix + key,)
             ).fetchone()
-            return float(row[0]) if row else 0.0
+            return float(row[0]) if row else NEVER_FIRED
 
         return await self._run(work)
 

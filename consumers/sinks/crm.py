@@ -33,6 +33,7 @@ SEARCH_PAGE = 100  # values per IN filter and results per page
 # HubSpot's search index shows a new object a few seconds after it is written: after a create
 # that may have succeeded (timeout, 5xx), wait this long before checking and retrying.
 DEFAULT_CREATE_RETRY_SECONDS = 30.0
+BATCH_SECONDS = 20.0  # a batch's budget at the configured pace
 
 
 class CrmSink:
@@ -52,6 +53,14 @@ class CrmSink:
         create_retry_seconds: float = DEFAULT_CREATE_RETRY_SECONDS,
     ) -> None:
         self._create_retry = create_retry_seconds
+        # The search index lags our creates by up to create_retry_seconds: a batch taken over
+        # from another member waits that long past its last lease renewal (runner renews
+        # every third of it), so whatever that member created is searchable first.
+        self.takeover_settle_seconds = create_retry_seconds * 1.5
+        # No batch may outlive the group's rebalance timeout: at most ~20 s of requests at our
+        # pace, counting up to three requests per event (contact search share, contact
+        # create, communication create).
+        self.max_batch_events = max(1, int(requests_per_10s / 10 * BATCH_SECONDS / 3))
         self._base = base_url.rstrip("/")
         self._create_missing = create_missing_contacts
         self._region = default_region
