@@ -210,7 +210,7 @@ class Runner:
                 finally:
                     ahead = None
                 if not fetched.records:
-                    self._set_healthy(healthy=True)
+                    self._answered_empty()
                     continue
                 if fetched.epoch != self._epoch:
                     # Read ahead under an assignment revoked since: never delivered (its commit
@@ -241,6 +241,12 @@ class Runner:
                 # Not cancelled: like any batch at a stop, it finishes its current step and
                 # commits, or gives up at its next retry.
                 await self._finish(handling)
+
+    def _answered_empty(self) -> None:
+        """An empty fetch says Kafka answers; it says nothing of a batch still retrying in
+        hand (the warehouse's overlap), which keeps the service unready."""
+        if not self._retrying:
+            self._set_healthy(healthy=True)
 
     async def _unless_interrupted(self, fetching: asyncio.Task[_Fetched]) -> _Fetched | None:
         """The fetch's result; None (the fetch cancelled) if a stop or a restart comes first:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 from aiohttp import web
@@ -107,6 +107,12 @@ class SmsWebhook:
                 self._settings.publish_timeout_seconds,
             )
         except PublishFailed as exc:
+            if exc.reason == "message_too_large":
+                # Kafka refuses the record for its size: a retry can never pass, so no 503.
+                return _json(
+                    413,
+                    {"error": "too_large", "detail": "over Kafka's message size limit"},
+                )
             return _json(
                 503,
                 {"error": "unavailable", "detail": f"not made durable: {exc.reason}"},
@@ -173,7 +179,11 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         metrics.observe_request(route, request.method, status, time.perf_counter() - started)
 
 
-async def _healthz(_: web.Request) -> web.Response:
+async def _healthz(request: web.Request) -> web.Response:
+    # A dead producer supervisor never reconnects nor replaces the producer: only a restart
+    # helps, which is what a failing liveness probe gets.
+    if not request.app[PUBLISHER].alive:
+        return _json(503, {"status": "producer_supervisor_stopped"})
     return _json(200, {"status": "alive"})
 
 
@@ -192,11 +202,24 @@ def build_app(
 ) -> web.Application:
     """Compose the gateway. Nothing connects until the app starts (its cleanup context)."""
     metrics = GatewayMetrics.create(registry)
-    options = producer_options or ProducerOptions(
-        linger_ms=settings.linger_ms,
-        compression_type=None if settings.compression_type == "none" else settings.compression_type,
+    options = replace(
+        producer_options
+        or ProducerOptions(
+            linger_ms=settings.linger_ms,
+            compression_type=None
+            if settings.compression_type == "none"
+            else settings.compression_type,
+        ),
+        # Always from the body limit, or a large body is refused by the producer itself.
+        max_request_size=settings.max_request_bytes,
     )
-    publisher = Publisher(settings.kafka, (settings.topic, settings.dlq_topic), metrics, options)
+    publisher = Publisher(
+        settings.kafka,
+        (settings.topic, settings.dlq_topic),
+        metrics,
+        options,
+        settings.record_bytes_needed,
+    )
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_observe])
     app[METRICS] = metrics
     app[PUBLISHER] = publisher

@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from onoff_events.settings import SettingsError
 
-_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_SCHEME = "x-api-key"
 MIN_KEY_LENGTH = 16
+# Labels are shorter than any key, so a pair written the wrong way round (key:label) is always
+# refused instead of turning the key into a label that is logged and used as a metric label.
+MAX_LABEL_LENGTH = MIN_KEY_LENGTH - 1
+_LABEL = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_LABEL_LENGTH}}}$")
+_SCHEME = "x-api-key"
 
 
 class AuthFailure(StrEnum):
@@ -32,11 +35,16 @@ class AuthFailure(StrEnum):
 class ApiKeys:
     """The keys accepted now, as (label, SHA-256 of the key) pairs."""
 
-    digests: tuple[tuple[str, bytes], ...]
+    # Digests of the keys stay out of repr: unsalted, they still identify a key.
+    digests: tuple[tuple[str, bytes], ...] = field(repr=False)
 
     @classmethod
     def parse(cls, spec: str, setting: str = "GATEWAY_API_KEYS") -> ApiKeys:
-        """Parse ``label:key,label:key``; raise SettingsError naming ``setting`` (never a key)."""
+        """Parse ``label:key,label:key``; raise SettingsError naming ``setting``.
+
+        An error names the entry by its position only: when key and label are swapped, the
+        "label" is the key, so no part of an entry is ever quoted.
+        """
         digests: list[tuple[str, bytes]] = []
         for position, item in enumerate(filter(None, (p.strip() for p in spec.split(","))), 1):
             label, sep, key = item.partition(":")
@@ -44,16 +52,17 @@ class ApiKeys:
                 raise SettingsError(f"{setting}: entry {position} is not label:key")
             if not _LABEL.match(label):
                 raise SettingsError(
-                    f"{setting}: entry {position} has label {label!r}; "
-                    "use 1-64 letters, digits, '_', '.' or '-'"
+                    f"{setting}: entry {position} has an invalid label; a label is 1-"
+                    f"{MAX_LABEL_LENGTH} letters, digits, '_', '.' or '-' and comes before the "
+                    "key (label:key)"
                 )
             if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
                 raise SettingsError(
-                    f"{setting}: the key labelled {label!r} must be at least "
-                    f"{MIN_KEY_LENGTH} characters without blanks"
+                    f"{setting}: the key of entry {position} must be at least "
+                    f"{MIN_KEY_LENGTH} characters without blanks (label:key)"
                 )
             if any(label == known for known, _ in digests):
-                raise SettingsError(f"{setting}: label {label!r} appears twice")
+                raise SettingsError(f"{setting}: entry {position} repeats an earlier label")
             digests.append((label, _digest(key)))
         return cls(tuple(digests))
 

@@ -46,6 +46,7 @@ class GatewayMetrics:
     publish_failures: Counter
     producer_connected: Gauge
     producer_restarts: Counter
+    producer_replacement_seconds: Histogram
     # Labelled children by label values: .labels() takes a lock and builds a key on every
     # call, which shows on the request path's profile.
     _children: dict[tuple[Any, ...], Any] = field(default_factory=dict)
@@ -124,7 +125,8 @@ class GatewayMetrics:
             ),
             publish_failures=Counter(
                 p + "publish_failures",
-                "Records not made durable in time (answered 503), by topic and reason.",
+                "Records not made durable, by topic and reason (answered 503; "
+                "message_too_large: 413).",
                 ["topic", "reason"],
                 registry=registry,
             ),
@@ -137,6 +139,12 @@ class GatewayMetrics:
                 p + "producer_restarts",
                 "Kafka producers replaced without restarting the process, by reason.",
                 ["reason"],
+                registry=registry,
+            ),
+            producer_replacement_seconds=Histogram(
+                p + "producer_replacement_seconds",
+                "Time from deciding to replace the producer to the new one serving.",
+                buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
                 registry=registry,
             ),
         )

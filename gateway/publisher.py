@@ -2,7 +2,9 @@
 
 The supervisor connects in the background (so the gateway serves ``/healthz`` while Kafka is
 down), probes the cluster so ``/readyz`` tells whether a publish can succeed, and replaces the
-producer without restarting the process when it reaches a state it cannot leave by itself.
+producer without restarting the process when it reaches a state it cannot leave by itself:
+the new producer connects first and takes over, the old one is retired in the background, so
+a replacement costs the time of one connection, not a close plus a connection.
 aiokafka's idempotent producer never gives up a batch, and after a broker outage it can stay
 stuck on ``OutOfOrderSequenceNumber`` for every later record (aiokafka issue 1017): the only
 cure is a new producer with a new producer id.
@@ -14,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -23,7 +25,12 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from gateway.metrics import GatewayMetrics
 from onoff_events.cloudevents import Headers
-from onoff_events.kafka import PRODUCER_FATAL, KafkaSettings, abandon_producer
+from onoff_events.kafka import (
+    PRODUCER_FATAL,
+    KafkaSettings,
+    abandon_producer,
+    topic_max_message_bytes,
+)
 from onoff_events.logs import log_event
 
 log = logging.getLogger("gateway.publisher")
@@ -43,6 +50,8 @@ class ProducerOptions:
     compression_type: str | None = None
     # Large enough that a burst of webhooks shares one produce request per partition.
     max_batch_size: int = 256 * 1024
+    # aiokafka's default is 1 MiB; build_app derives it from GATEWAY_MAX_BODY_BYTES.
+    max_request_size: int = 1024 * 1024
     request_timeout_ms: int = 30_000
     connect_timeout_seconds: float = 10.0
     probe_interval_seconds: float = 2.0
@@ -61,13 +70,21 @@ class Publisher:
         topics: Sequence[str],
         metrics: GatewayMetrics,
         options: ProducerOptions = ProducerOptions(),  # frozen, shared safely
+        record_bytes_needed: Mapping[str, int] | None = None,
     ) -> None:
         self._kafka = kafka
         self._topics = tuple(topics)
         self._metrics = metrics
         self._options = options
+        # topic → the largest record we may write there; checked once against the cluster.
+        self._record_bytes_needed = dict(record_bytes_needed or {})
+        self._limits_checked = False
         self._producer: AIOKafkaProducer | None = None
-        self._retired: list[AIOKafkaProducer] = []
+        # Why the current producer must be replaced, and since when; it serves until then.
+        self._replacing: str | None = None
+        self._replacing_since = 0.0
+        self._swapped = asyncio.Event()  # set when the replacement asked for is in place
+        self._retiring: set[asyncio.Task[None]] = set()
         self._ready = False
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -78,7 +95,13 @@ class Publisher:
     @property
     def ready(self) -> bool:
         """A producer is running and the last probe reached the cluster and saw our topics."""
-        return self._ready and self._producer is not None
+        return self._ready and self._producer is not None and self.alive
+
+    @property
+    def alive(self) -> bool:
+        """The supervisor runs (or has not started yet). False: nothing will reconnect or
+        replace the producer any more, and only a restart of the process helps."""
+        return self._supervisor is None or not self._supervisor.done()
 
     async def start(self) -> None:
         """Start supervising; returns at once, the first connection is made in the background."""
@@ -87,14 +110,23 @@ class Publisher:
     async def publish(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers, within: float
     ) -> None:
-        """Return once the broker acked the record (acks=all); else raise PublishFailed."""
+        """Return once the broker acked the record (acks=all); else raise PublishFailed.
+
+        ``reason`` ``message_too_large`` means Kafka will never take this record: the caller
+        answers 413, not 503.
+        """
         producer = self._producer
         if producer is None:
             self._fail(topic, "producer_unavailable")
         started = time.perf_counter()
+        if self._replacing is not None:
+            producer = await self._next_producer(topic, within)
+            within -= time.perf_counter() - started
+        sent = False
         try:
             async with asyncio.timeout(within):
                 delivery = await producer.send(topic, value, key=key, headers=headers)
+                sent = True
                 await delivery
         except TimeoutError:
             self._timeouts_in_a_row += 1
@@ -105,6 +137,12 @@ class Publisher:
             self._replace(producer, type(exc).__name__)
             self._fail(topic, "producer_fatal")
         except MessageSizeTooLargeError:
+            if sent:
+                # The broker refused it (the topic's max.message.bytes). aiokafka had given
+                # the batch sequence numbers the broker never stored, so every later record
+                # to that partition would fail with OutOfOrderSequenceNumber: replace the
+                # producer now (the swap leaves no gap) instead of failing innocent events.
+                self._replace(producer, "message_too_large")
             self._fail(topic, "message_too_large")
         except KafkaError as exc:
             log_event(log, "publish_error", logging.WARNING, error_type=type(exc).__name__)
@@ -121,8 +159,30 @@ class Publisher:
         self._set_ready(ready=False)
         producer, self._producer = self._producer, None
         if producer is not None:
-            self._retired.append(producer)
-        await self._close_retired()
+            self._retire(producer)
+        retiring = list(self._retiring)
+        try:
+            # Each one is bounded by the close timeout (then abandoned).
+            await asyncio.gather(*retiring)
+        except asyncio.CancelledError:
+            for task in retiring:
+                task.cancel()
+            await asyncio.gather(*retiring, return_exceptions=True)
+            raise
+
+    async def _next_producer(self, topic: str, within: float) -> AIOKafkaProducer:
+        """The producer that replaces the current one, once connected (usually well under a
+        second): the current one is broken or stuck, so a record sent there would fail."""
+        swapped = self._swapped
+        try:
+            async with asyncio.timeout(within):
+                await swapped.wait()
+        except TimeoutError:
+            self._fail(topic, "producer_unavailable")
+        producer = self._producer
+        if producer is None:
+            self._fail(topic, "producer_unavailable")
+        return producer
 
     def _fail(self, topic: str, reason: str) -> NoReturn:
         self._metrics.publish_failures.labels(topic, reason).inc()
@@ -145,15 +205,41 @@ class Publisher:
         raise PublishFailed(reason)
 
     def _replace(self, producer: AIOKafkaProducer, reason: str) -> None:
-        if producer is not self._producer:
-            return  # already replaced by a concurrent failure
+        """Ask the supervisor for a new producer. The current one stays until the new one is
+        connected, so records it holds may still be acked; new publishes wait for the new one
+        (within their own deadline) instead of failing on the broken one."""
+        if producer is not self._producer or self._replacing is not None:
+            return  # already replaced, or being replaced, after a concurrent failure
         log_event(log, "producer_replaced", logging.WARNING, reason=reason)
         self._metrics.producer_restarts.labels(reason).inc()
-        self._producer = None
-        self._retired.append(producer)
+        self._replacing = reason
+        self._replacing_since = time.monotonic()
+        self._swapped = asyncio.Event()
         self._timeouts_in_a_row = 0
-        self._set_ready(ready=False)
         self._wake.set()
+
+    def _swap(self, fresh: AIOKafkaProducer) -> None:
+        old, self._producer = self._producer, fresh
+        self._timeouts_in_a_row = 0
+        if old is not None:
+            seconds = time.monotonic() - self._replacing_since
+            self._metrics.producer_replacement_seconds.observe(seconds)
+            log_event(
+                log,
+                "producer_swapped",
+                reason=self._replacing,
+                seconds_since_replacement_asked=round(seconds, 3),
+            )
+            self._retire(old)
+        self._replacing = None
+        self._swapped.set()
+
+    def _retire(self, producer: AIOKafkaProducer) -> None:
+        """Stop ``producer`` in the background: its pending records may still be acked (and
+        answered 200) while the new producer already serves."""
+        task = asyncio.create_task(self._stop_quietly(producer), name="producer-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _set_ready(self, *, ready: bool) -> None:
         if ready != self._ready:
@@ -166,12 +252,22 @@ class Publisher:
         self._metrics.producer_connected.set(1 if ready else 0)
 
     async def _supervise(self) -> None:
+        try:
+            await self._keep_a_producer()
+        except Exception as exc:  # noqa: BLE001 # reported, and /healthz fails: the pod restarts
+            # Nothing reconnects or replaces the producer any more: say so and go unready;
+            # ``alive`` turns False, so /healthz answers 503 and Kubernetes restarts the pod.
+            self._set_ready(ready=False)
+            log_event(
+                log, "producer_supervisor_died", logging.CRITICAL, error_type=type(exc).__name__
+            )
+
+    async def _keep_a_producer(self) -> None:
         backoff = 0.5
         while True:
-            await self._close_retired()
-            if self._producer is None:
+            if self._producer is None or self._replacing is not None:
                 try:
-                    self._producer = await self._connect()
+                    fresh = await self._connect()
                 except (KafkaError, OSError, TimeoutError) as exc:
                     log_event(
                         log,
@@ -184,7 +280,11 @@ class Publisher:
                     backoff = min(backoff * 2, 10.0)
                     continue
                 backoff = 0.5
+                self._swap(fresh)
+            assert self._producer is not None  # noqa: S101 # set just above when it was None
             await self._probe(self._producer)
+            if self._ready and not self._limits_checked:
+                await self._check_record_limits()
             await self._sleep(self._options.probe_interval_seconds)
 
     async def _sleep(self, seconds: float) -> None:
@@ -202,6 +302,7 @@ class Publisher:
             linger_ms=o.linger_ms,
             compression_type=o.compression_type,
             max_batch_size=o.max_batch_size,
+            max_request_size=o.max_request_size,
             request_timeout_ms=o.request_timeout_ms,
         )
         try:
@@ -214,6 +315,48 @@ class Publisher:
             producer.client.add_topic(topic)
         log_event(log, "producer_started", bootstrap_servers=self._kafka.bootstrap_servers)
         return producer
+
+    async def _check_record_limits(self) -> None:
+        """Once, at start: log the producer's request limit and compare the largest record we
+        may write with each topic's ``max.message.bytes``, when the cluster tells us."""
+        self._limits_checked = True
+        needed = self._record_bytes_needed
+        try:
+            async with asyncio.timeout(self._options.probe_timeout_seconds):
+                limits = await topic_max_message_bytes(self._kafka, list(needed))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            limits = {}
+            log_event(log, "topic_limits_unreadable", logging.INFO, error_type=type(exc).__name__)
+        log_event(
+            log,
+            "record_size_limits",
+            max_request_bytes=self._options.max_request_size,
+            record_bytes_needed=needed,
+            topic_max_message_bytes=limits,
+        )
+        for topic, need in needed.items():
+            limit = limits.get(topic)
+            if limit is None:
+                log_event(
+                    log,
+                    "topic_max_message_bytes_unknown",
+                    topic=topic,
+                    record_bytes_needed=need,
+                    detail="the cluster did not say (no DescribeConfigs permission?); a record "
+                    "over the topic's max.message.bytes is answered 413",
+                )
+            elif limit < need:
+                log_event(
+                    log,
+                    "topic_max_message_bytes_too_low",
+                    logging.ERROR,
+                    topic=topic,
+                    max_message_bytes=limit,
+                    record_bytes_needed=need,
+                    detail="bodies near GATEWAY_MAX_BODY_BYTES will be answered 413: raise the "
+                    "topic's max.message.bytes (KafkaTopic config) or lower "
+                    "GATEWAY_MAX_BODY_BYTES",
+                )
 
     async def _probe(self, producer: AIOKafkaProducer) -> None:
         sender = producer._sender.sender_task  # noqa: SLF001 # aiokafka exposes no health API
@@ -232,12 +375,6 @@ class Publisher:
             if missing:
                 log_event(log, "topics_missing", logging.ERROR, topics=list(missing))
         self._set_ready(ready=reached and not missing)
-
-    async def _close_retired(self) -> None:
-        while self._retired:
-            # Stop before forgetting it: a cancellation mid-stop must not leak the producer.
-            await self._stop_quietly(self._retired[0])
-            self._retired.pop(0)
 
     async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
         """Stop a producer within the close timeout, flushing what it can."""

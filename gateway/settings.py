@@ -13,6 +13,11 @@ from onoff_events.kafka import KafkaSettings
 # Onoff waits 10 s for an answer; a publish deadline at or past that would answer too late.
 ONOFF_READ_TIMEOUT_SECONDS = 10.0
 COMPRESSION_TYPES = frozenset({"none", "gzip", "lz4", "snappy", "zstd"})  # cramjam for the last 3
+# What a record holds besides the body: the batch and record framing, the key (an event id),
+# the CloudEvents headers and, on the DLQ, the record's own JSON fields and schema problems.
+# Generous on purpose: the producer's limit only guards against our own mistakes, the
+# topic's max.message.bytes is the one that counts.
+RECORD_OVERHEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,24 @@ class GatewaySettings:
             log_level=s.log_level(env),
         )
 
+    @property
+    def record_bytes_needed(self) -> dict[str, int]:
+        """The largest record the gateway may write to each topic, in bytes.
+
+        The events topic gets the body as it came; the DLQ gets a body that is not a JSON
+        object as base64 inside a JSON record: 4 bytes for every 3.
+        """
+        base64_body = 4 * -(-self.max_body_bytes // 3)
+        return {
+            self.topic: self.max_body_bytes + RECORD_OVERHEAD_BYTES,
+            self.dlq_topic: base64_body + RECORD_OVERHEAD_BYTES,
+        }
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The producer's ``max_request_size``: room for the largest record on any topic."""
+        return max(self.record_bytes_needed.values())
+
     def describe(self) -> dict[str, Any]:
         """The settings as logged at start: key labels only, secrets masked."""
         return {
@@ -90,6 +113,7 @@ class GatewaySettings:
             "api_key_labels": list(self.api_keys.labels),
             "insecure_no_auth": self.insecure_no_auth,
             "max_body_bytes": self.max_body_bytes,
+            "max_request_bytes": self.max_request_bytes,
             "publish_timeout_seconds": self.publish_timeout_seconds,
             "retry_after_seconds": self.retry_after_seconds,
             "drain_seconds": self.drain_seconds,

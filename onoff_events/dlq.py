@@ -1,8 +1,10 @@
 """Records of the DLQ topic (``sms-events.dlq``), built as pure functions.
 
 The record's shape is ``schemas/dlq-record.schema.json``. The value keeps what Onoff sent (the
-parsed object, or the raw bytes in base64 when it is not a JSON object) so that an operator
-can fix and re-drive it; the reasons never quote a value from the body.
+parsed object, or the raw bytes in base64 when it is not a JSON object or cannot be written
+back as JSON) so that an operator can fix and re-drive it; the reasons never quote a value
+from the body. Building a record never raises: a body the gateway could read is never
+answered with a 500.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from onoff_events.sms_event import Quarantined
 QUARANTINE_EVENT_TYPE = "com.onoff.business.sms.quarantined.v1"
 
 
-def quarantine_record(verdict: Quarantined, received_at: str, key_label: str) -> dict[str, Any]:
-    """The DLQ record for a body that could not go to the events topic."""
+def quarantine_record(
+    verdict: Quarantined, received_at: str, key_label: str, *, keep_payload: bool = True
+) -> dict[str, Any]:
+    """The DLQ record for a body that could not go to the events topic: with the parsed
+    ``payload`` when there is one and ``keep_payload``, else with the raw bytes."""
     record: dict[str, Any] = {
         "dlq_version": 1,
         "stage": "gateway",
@@ -30,7 +35,7 @@ def quarantine_record(verdict: Quarantined, received_at: str, key_label: str) ->
         "received_at": received_at,
         "key_label": key_label,
     }
-    if verdict.payload is not None:
+    if verdict.payload is not None and keep_payload:
         record["payload"] = verdict.payload
     else:
         record["raw_body_base64"] = base64.b64encode(verdict.raw).decode()
@@ -46,7 +51,12 @@ def quarantine_message(
     same partition as its valid retries would; each record gets its own ``ce_id``.
     """
     key = verdict.event_id.encode() if verdict.event_id is not None else None
-    value = orjson.dumps(quarantine_record(verdict, received_at, key_label))
+    try:
+        value = orjson.dumps(quarantine_record(verdict, received_at, key_label))
+    except orjson.JSONEncodeError:
+        # orjson reads 1024 levels but writes only about 254: an object nested in between
+        # cannot be written back, so the record keeps the exact bytes Onoff sent instead.
+        value = orjson.dumps(quarantine_record(verdict, received_at, key_label, keep_payload=False))
     headers: Headers = [
         ("ce_specversion", SPEC_VERSION.encode()),
         ("ce_id", uuid.uuid4().hex.encode()),

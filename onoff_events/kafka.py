@@ -4,8 +4,8 @@ closing a producer whose stop() cannot finish."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -46,7 +46,7 @@ class KafkaSettings:
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str = ""
-    sasl_password: str = ""
+    sasl_password: str = field(default="", repr=False)
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
@@ -139,5 +139,40 @@ async def abandon_producer(producer: AIOKafkaProducer) -> None:
     """Close a producer whose stop() timed out (its flush never ends while the cluster is
     away): its sender and connections, so no task or socket outlives it. aiokafka has no
     public way to abandon a flush. Records still pending were never acknowledged."""
+    # Closed for good: a late send() raises ProducerClosed instead of queueing into a dead
+    # accumulator (stop() sets this first; a stop() that never ran had not).
+    producer._closed = True  # noqa: SLF001
     await producer._sender.close()  # noqa: SLF001
     await producer.client.close()
+
+
+async def topic_max_message_bytes(kafka: KafkaSettings, topics: Sequence[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes`` as the cluster applies it (the topic's own value, or
+    the broker's ``message.max.bytes`` default). Raises KafkaError when the cluster will not
+    say (a KafkaUser without DescribeConfigs on the topic); a topic it cannot describe is
+    left out."""
+    # Only the start-up check needs these.
+    from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415
+    from aiokafka.admin.config_resource import (  # noqa: PLC0415
+        ConfigResource,
+        ConfigResourceType,
+    )
+
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
+        )
+    finally:
+        await admin.close()
+    limits: dict[str, int] = {}
+    for response in responses:
+        # (error_code, error_message, resource_type, resource_name, config_entries)
+        for error_code, _, _, name, entries in response.resources:
+            if error_code:
+                continue
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and str(entry[1]).isdigit():
+                    limits[name] = int(entry[1])
+    return limits

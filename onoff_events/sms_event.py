@@ -8,12 +8,14 @@ and e-mails are personal data and these reasons reach logs, HTTP answers and the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
 import jsonschema_rs
 import orjson
 
 from onoff_events import schemas
+from onoff_events.cloudevents import parse_rfc3339
 
 QuarantineReason = Literal["invalid_json", "not_object", "schema_violation"]
 
@@ -32,12 +34,17 @@ class SchemaProblem:
 
 class ValidSmsEvent(NamedTuple):
     """A body that meets the schema. ``raw`` is forwarded to Kafka byte for byte. (A named
-    tuple: one is built per request, and a frozen dataclass takes five times as long.)"""
+    tuple: one is built per request, and a frozen dataclass takes five times as long.)
+
+    ``sent_at`` is ``date`` parsed, with its own offset; it always converts to UTC (the
+    checker refuses a date that does not), so every sink can use it as it is.
+    """
 
     event_id: str
     date: str
     raw: bytes
     payload: dict[str, Any]
+    sent_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +82,42 @@ class SmsEventChecker:
                 "", "type", f"must be a JSON object, got a JSON {_json_kind(kind)}"
             )
             return Quarantined("not_object", (problem,), None, None, raw)
-        # The common case costs one compiled validation; errors are described only when present.
+        # The common case costs one compiled validation and one date parse; errors are
+        # described only when present.
         if self._validator.is_valid(document):
-            return ValidSmsEvent(document["id"], document["date"], raw, document)
+            date: str = document["date"]
+            sent_at = _utc_convertible(date)
+            if sent_at is not None:
+                return ValidSmsEvent(document["id"], date, raw, document, sent_at)
+            # The schema's date-time format admits years 0000-9999 with any offset; a sink
+            # needs a UTC instant (years 0001-9999). Refusing it here, where Onoff gets an
+            # answer, is what keeps one such event from being dead-lettered by every sink.
+            return Quarantined(
+                "schema_violation", (_DATE_OUT_OF_RANGE,), document["id"], document, raw
+            )
         problems = tuple(self._describe(document))
         id_ok = not any(p.path == "/id" for p in problems)
         event_id = document.get("id") if id_ok and isinstance(document.get("id"), str) else None
         return Quarantined("schema_violation", problems, event_id, document, raw)
 
     def _describe(self, document: dict[str, Any]) -> list[SchemaProblem]:
+        """The problems of an invalid document; never raises.
+
+        jsonschema_rs turns each error's instance into Python objects and gives up past its
+        recursion limit (an object nested a few hundred levels). The schema only constrains
+        the first levels, so the problems of a copy cut at ``_DESCRIBE_DEPTH`` are the same;
+        if even that fails, one generic problem still says the body breaks the schema.
+        """
+        for candidate in (document, _shallow(document, _DESCRIBE_DEPTH)):
+            try:
+                problems = self._problems(candidate)
+            except ValueError:
+                continue
+            if problems:
+                return problems
+        return [_UNDESCRIBED]
+
+    def _problems(self, document: dict[str, Any]) -> list[SchemaProblem]:
         problems: list[SchemaProblem] = []
         for error in self._validator.iter_errors(document):
             keyword = str(error.schema_path[-1]) if error.schema_path else ""
@@ -101,6 +135,39 @@ class SmsEventChecker:
         # A validator may report one 'required' error per missing property, each naming the
         # whole list; keep every problem once, in a stable order.
         return sorted(set(problems), key=lambda p: (p.path, p.keyword, p.message))
+
+
+_DESCRIBE_DEPTH = 32
+"""Levels of a body kept when describing its problems (the schema constrains only two)."""
+
+_DATE_OUT_OF_RANGE = SchemaProblem(
+    "/date", "format", "must be an RFC 3339 date-time between years 0001 and 9999 in UTC"
+)
+_UNDESCRIBED = SchemaProblem(
+    "", "schema", "breaks onoff-sms-event.schema.json (nested too deeply to say where)"
+)
+
+
+def _utc_convertible(date: str) -> datetime | None:
+    """``date`` parsed, when it is an instant every sink can convert to UTC; else None."""
+    sent_at = parse_rfc3339(date)
+    if sent_at is None:
+        return None
+    try:
+        sent_at.astimezone(UTC)
+    except OverflowError:
+        return None
+    return sent_at
+
+
+def _shallow(node: Any, depth: int) -> Any:
+    """``node`` with every array or object ``depth`` levels down replaced by an empty one
+    (same JSON type, so a type rule on it still gives the same answer)."""
+    if isinstance(node, dict):
+        return {k: _shallow(v, depth - 1) for k, v in node.items()} if depth > 0 else {}
+    if isinstance(node, list):
+        return [_shallow(v, depth - 1) for v in node] if depth > 0 else []
+    return node
 
 
 def _wants(keyword: str, rule: Any) -> str:

@@ -111,6 +111,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=24
+# GATEWAY_MAX_BODY_BYTES may be 8 MiB, and a body that is not JSON goes to the DLQ as base64
+# (4 bytes for 3) inside a JSON record: 11 MiB covers both; Kafka's default is 1 MiB.
+message.max.bytes=11534336
 PROPS
   write_log_configs
 }

@@ -42,11 +42,11 @@ def test_labels_are_kept_and_keys_are_not() -> None:
     [
         ("onoff", "entry 1 is not label:key"),
         ("a:aaaaaaaaaaaaaaaaaaaa,b", "entry 2 is not label:key"),
-        (":aaaaaaaaaaaaaaaaaaaa", "has label ''"),
-        ("a b:aaaaaaaaaaaaaaaaaaaa", "has label 'a b'"),
+        (":aaaaaaaaaaaaaaaaaaaa", "entry 1 has an invalid label"),
+        ("a b:aaaaaaaaaaaaaaaaaaaa", "entry 1 has an invalid label"),
         ("a:short", "at least 16 characters"),
         ("a:aaaaaaaa aaaaaaaaaaa", "at least 16 characters without blanks"),
-        ("a:aaaaaaaaaaaaaaaaaaaa,a:bbbbbbbbbbbbbbbbbbbb", "appears twice"),
+        ("a:aaaaaaaaaaaaaaaaaaaa,a:bbbbbbbbbbbbbbbbbbbb", "entry 2 repeats an earlier label"),
     ],
 )
 def test_malformed_key_specs_are_refused_without_quoting_keys(spec: str, message: str) -> None:

@@ -162,7 +162,9 @@ async def test_stuck_idempotent_producer_is_replaced_without_restart(
         )
         == 1
     )
-    await wait_until(lambda: publisher.ready, 30, "the replacement producer")
+    await wait_until(
+        lambda: publisher.ready and publisher._producer is not stuck, 30, "the replacement producer"
+    )
     assert publisher._producer is not stuck
 
     retry = orjson.dumps(sms_event(id=event["id"], body="retried"))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from consumers.backoff import Backoff
@@ -15,8 +18,10 @@ from consumers.dedupe import DedupeStore, RedisDedupe, SinkDedupe, SqliteDedupe,
 from consumers.metrics import SECONDS_BUCKETS, BatchHistogram
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
 from consumers.settings import ConsumerSettings
-from consumers.sinks.warehouse import _split
+from consumers.sinks.crm import communication_body, hubspot_timestamp
+from consumers.sinks.warehouse import COLUMNS, _duck_row, _split, warehouse_row
 from onoff_events.cloudevents import SmsEventHeaders
+from onoff_events.sms_event import SmsEventChecker, ValidSmsEvent
 from tests.payloads import sms_event
 
 
@@ -213,3 +218,42 @@ def test_batch_histogram_scrapes_exactly_like_a_prometheus_client_histogram() ->
         return sorted(line for line in lines if not line.startswith("#") and "_created" not in line)
 
     assert samples(ours) == samples(theirs)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
+    ),
+    offset_minutes=st.integers(min_value=-(23 * 60 + 59), max_value=23 * 60 + 59),
+    leap=st.booleans(),
+    lower=st.booleans(),
+)
+def test_every_date_the_gateway_accepts_is_read_by_consumers_in_utc(
+    moment: datetime, offset_minutes: int, leap: bool, lower: bool
+) -> None:
+    """Any RFC 3339 date-time at any offset, across years 0001-9999 (where year 9999 at -01:00
+    and year 0001 at +01:00 have no UTC time): whatever the gateway's checker accepts, the
+    consumers' decoder reads as an event whose date converts to UTC; whatever it refuses, the
+    decoder poisons. One definition of valid, never a crash. Replaces a hand-picked list that
+    missed the overflowing dates."""
+    sign = "-" if offset_minutes < 0 else "+"
+    hours, minutes = divmod(abs(offset_minutes), 60)
+    text = moment.strftime("%Y-%m-%dT%H:%M:") + ("60" if leap else moment.strftime("%S"))
+    text += f".{moment.microsecond:06d}{sign}{hours:02d}:{minutes:02d}"
+    if lower:
+        text = text.lower()
+    raw = orjson.dumps(sms_event(date=text))
+    accepted = isinstance(SmsEventChecker().check(raw), ValidSmsEvent)
+    decoded = RecordDecoder().decode(kafka_record(raw))
+    if accepted:
+        assert isinstance(decoded, SmsRecord), text
+        assert decoded.sent_at.astimezone(UTC).tzinfo is UTC
+        # ... and maps in the warehouse and the CRM (the alerts' mappings have their own
+        # property test in tests/test_alert_properties.py).
+        assert len(warehouse_row(decoded)) == len(COLUMNS)
+        assert _duck_row(decoded)[3] is not None
+        assert hubspot_timestamp(decoded).endswith("Z")
+        orjson.dumps(communication_body(decoded.payload))
+    else:
+        assert isinstance(decoded, PoisonRecord), text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,7 +21,11 @@ CHECKER = SmsEventChecker()
 def test_onoff_sample_is_valid_and_kept_byte_for_byte() -> None:
     verdict = CHECKER.check(ONOFF_SAMPLE)
     assert verdict == ValidSmsEvent(
-        "12345", "2023-05-20T14:30:00Z", ONOFF_SAMPLE, orjson.loads(ONOFF_SAMPLE)
+        "12345",
+        "2023-05-20T14:30:00Z",
+        ONOFF_SAMPLE,
+        orjson.loads(ONOFF_SAMPLE),
+        datetime(2023, 5, 20, 14, 30, tzinfo=UTC),
     )
 
 
@@ -117,3 +122,78 @@ def test_event_headers_follow_the_cloudevents_kafka_binding() -> None:
         if name.startswith("ce_"):
             assert name[3:].isalnum()
             assert name[3:].islower()
+
+
+@pytest.mark.parametrize(
+    "date",
+    ["9999-12-31T23:59:59-01:00", "0000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"],
+    ids=["utc-overflows-year-9999", "year-0000", "utc-underflows-year-0001"],
+)
+def test_a_date_consumers_cannot_convert_to_utc_is_quarantined_without_echoing_it(
+    date: str,
+) -> None:
+    """The schema's date-time format accepts these, but no consumer can turn them into a UTC
+    instant: the gateway refuses them (one definition of a valid event for every service)."""
+    event = sms_event(date=date)
+    verdict = CHECKER.check(orjson.dumps(event))
+    assert isinstance(verdict, Quarantined)
+    assert verdict.reason == "schema_violation"
+    assert [(p.path, p.keyword) for p in verdict.problems] == [("/date", "format")]
+    assert date not in orjson.dumps([p.as_json() for p in verdict.problems]).decode()
+    assert verdict.event_id == event["id"]
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T01:00:00+01:00",
+        "9999-12-31T23:59:59.999999Z",
+        "9999-12-31T22:59:59-01:00",
+        "2016-12-31T23:59:60Z",
+        "2023-05-20t14:30:00z",
+    ],
+)
+def test_a_valid_event_carries_its_send_time_and_it_converts_to_utc(date: str) -> None:
+    """The edges that still convert stay valid; the verdict carries the parsed time, so a
+    consumer never parses the date a second time (and cannot disagree with the gateway)."""
+    verdict = CHECKER.check(orjson.dumps(sms_event(date=date)))
+    assert isinstance(verdict, ValidSmsEvent)
+    assert verdict.date == date
+    assert verdict.sent_at.tzinfo is not None
+    assert verdict.sent_at.astimezone(UTC).tzinfo is UTC
+
+
+def _nested(depth: int, field: str = "x") -> bytes:
+    return b'{"id":"n","' + field.encode() + b'":' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("depth", [253, 300, 600, 1022])
+def test_a_deeply_nested_object_that_breaks_the_schema_is_described_without_raising(
+    depth: int,
+) -> None:
+    """jsonschema_rs cannot turn a deep instance into an error object (recursion limit);
+    the problems are still named, from the shallow part of the body."""
+    verdict = CHECKER.check(_nested(depth, "body"))
+    assert isinstance(verdict, Quarantined)
+    assert verdict.reason == "schema_violation"
+    found = {(p.path, p.keyword) for p in verdict.problems}
+    assert ("/body", "type") in found
+    assert ("/date", "required") in found
+    assert verdict.event_id == "n"
+
+
+@pytest.mark.parametrize("depth", [253, 300, 600, 1022])
+def test_the_dlq_record_of_a_too_deep_object_falls_back_to_the_raw_body(depth: int) -> None:
+    """orjson writes at most 254 levels: the record keeps the exact bytes (base64) instead
+    of the parsed payload, still keyed by the id and valid against its schema."""
+    raw = _nested(depth)
+    verdict = CHECKER.check(raw)
+    assert isinstance(verdict, Quarantined)
+    key, value, _ = quarantine_message(verdict, "2024-01-01T00:00:00.000Z", "onoff", "/s")
+    assert key == b"n"
+    record = orjson.loads(value)
+    schemas.validator(schemas.DLQ_RECORD).validate(record)
+    assert record["reason"] == "schema_violation"
+    assert base64.b64decode(record["raw_body_base64"]) == raw
+    assert "payload" not in record

@@ -1,0 +1,233 @@
+"""The gateway's producer against the real broker: bodies up to the configured limit reach
+the topic, a record Kafka refuses as too large is a 413 (never a 503 Onoff would retry for
+ever), a producer replacement leaves at most a short 503 window, and a dead supervisor takes
+``/healthz`` down."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
+
+from gateway.app import PUBLISHER
+from gateway.publisher import ProducerOptions
+from tests.conftest import TEST_KEY, RunningGateway, Topics, gateway_env, start_gateway, wait_until
+from tests.kafka_reader import read_records
+from tests.payloads import sms_body, sms_event
+
+MIB = 1024 * 1024
+FAST = ProducerOptions(
+    probe_interval_seconds=0.3,
+    probe_timeout_seconds=1.0,
+    connect_timeout_seconds=3.0,
+    close_timeout_seconds=3.0,
+)
+
+
+async def create_topics(bootstrap: str, max_message_bytes: int) -> Topics:
+    """A fresh events topic and DLQ whose ``max.message.bytes`` is set explicitly, so the test
+    does not depend on the broker's default."""
+    name = f"sms-events-{uuid.uuid4().hex[:12]}"
+    topics = Topics(name, f"{name}.dlq")
+    config = {"max.message.bytes": str(max_message_bytes)}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topics.events, 3, 1, topic_configs=config), NewTopic(topics.dlq, 1, 1)]
+        )
+    finally:
+        await admin.close()
+    return topics
+
+
+async def post(gw: RunningGateway, body: bytes) -> tuple[int, dict[str, str]]:
+    # aiohttp warns about sending more than 1 MiB as raw bytes; a file-like body streams.
+    async with gw.http.post(
+        gw.url.rstrip("/") + "/v1/onoff/sms",
+        data=io.BytesIO(body) if len(body) > MIB // 2 else body,
+        headers={"Authorization": f"x-api-key {TEST_KEY}"},
+    ) as response:
+        await response.read()
+        return response.status, dict(response.headers)
+
+
+async def status_of(gw: RunningGateway, path: str) -> int:
+    async with gw.http.get(gw.url.rstrip("/") + path) as response:
+        return response.status
+
+
+@pytest.fixture
+async def big_gateway(kafka_bootstrap: str) -> AsyncIterator[tuple[RunningGateway, Topics]]:
+    """A gateway taking bodies up to 2 MiB, on a topic that takes records up to 4 MiB."""
+    topics = await create_topics(kafka_bootstrap, 4 * MIB)
+    env = gateway_env(kafka_bootstrap, topics, GATEWAY_MAX_BODY_BYTES=str(2 * MIB))
+    server, gw = await start_gateway(env, FAST)
+    try:
+        yield gw, topics
+    finally:
+        await gw.http.close()
+        await server.close()
+
+
+async def test_a_body_over_one_mib_within_the_limit_is_acknowledged_and_on_the_topic(
+    big_gateway: tuple[RunningGateway, Topics], kafka_bootstrap: str
+) -> None:
+    """aiokafka's own request limit is 1 MiB; the producer's follows GATEWAY_MAX_BODY_BYTES, so
+    a 1.5 MiB body is acknowledged and a data team's consumer reads it back whole."""
+    gw, topics = big_gateway
+    body = sms_body(body="x" * (3 * MIB // 2))
+    status, _ = await post(gw, body)
+    assert status == 200
+    records = await read_records(kafka_bootstrap, topics.events, count=1)
+    assert [r.value for r in records] == [body]
+
+
+async def test_a_record_the_broker_refuses_as_too_large_is_answered_413_and_the_next_passes(
+    kafka_bootstrap: str,
+) -> None:
+    """The topic's max.message.bytes (200 kB) is below the gateway's body limit (1 MiB): the
+    broker refuses the record; the answer is 413 (a retry can never pass), counted; the next
+    event with the same key (same partition) is still acknowledged."""
+    topics = await create_topics(kafka_bootstrap, 200_000)
+    env = gateway_env(kafka_bootstrap, topics, GATEWAY_MAX_BODY_BYTES=str(MIB))
+    server, gw = await start_gateway(env, FAST)
+    try:
+        event = sms_event(body="y" * 300_000)
+        small = sms_body(id=event["id"])
+        # One record first, so the broker already holds this producer's sequence numbers for
+        # the partition: the refused batch must not leave a gap that breaks later records.
+        assert (await post(gw, small))[0] == 200
+        status, headers = await post(gw, orjson.dumps(event))
+        assert status == 413
+        assert "Retry-After" not in headers
+        assert (
+            gw.registry.get_sample_value(
+                "onoff_gateway_publish_failures_total",
+                {"topic": topics.events, "reason": "message_too_large"},
+            )
+            == 1
+        )
+        for _ in range(3):
+            assert (await post(gw, small))[0] == 200
+    finally:
+        await gw.http.close()
+        await server.close()
+
+
+async def steady_load(
+    gw: RunningGateway, stop: asyncio.Event, answers: list[tuple[float, float, int]]
+) -> None:
+    """Post valid events back to back until ``stop``; record (start, end, status)."""
+    while not stop.is_set():
+        started = time.monotonic()
+        status, headers = await post(gw, sms_body())
+        if status != 200:
+            assert (status, "Retry-After" in headers) == (503, True)
+        answers.append((started, time.monotonic(), status))
+
+
+def window_of_503s(answers: list[tuple[float, float, int]]) -> float:
+    """From the start of the first refused request to the end of the last one."""
+    refused = [(s, e) for s, e, status in answers if status != 200]
+    if not refused:
+        return 0.0
+    return max(e for _, e in refused) - min(s for s, _ in refused)
+
+
+async def test_a_producer_replacement_under_load_leaves_at_most_two_seconds_of_503(
+    gateway_under_load: tuple[RunningGateway, Topics],
+) -> None:
+    """A producer stuck on OutOfOrderSequenceNumber (aiokafka issue 1017) whose stop() hangs
+    (a flush that never ends, up to the close timeout): the new producer connects first and
+    takes over; the old one is retired in the background. The 503 window stays ≤ 2 s, and
+    every answer is a 200 or a 503 with Retry-After."""
+    gw, topics = gateway_under_load
+    publisher = gw.app[PUBLISHER]
+    stop = asyncio.Event()
+    answers: list[tuple[float, float, int]] = []
+    loaders = [asyncio.create_task(steady_load(gw, stop, answers)) for _ in range(8)]
+    try:
+        await asyncio.sleep(1.0)
+        stuck: Any = publisher._producer  # the test reaches in to break it on purpose
+        real_stop = stuck.stop
+
+        async def hanging_stop() -> None:
+            # A flush that a sick cluster never allows: stop() returns only when cancelled.
+            await asyncio.Event().wait()
+            await real_stop()
+
+        stuck.stop = hanging_stop
+        for partition in range(3):
+            stuck._txn_manager.increment_sequence_number(
+                TopicPartition(topics.events, partition), 7
+            )
+        await wait_until(
+            lambda: publisher._producer not in (None, stuck), 30, "the new producer in place"
+        )
+        await asyncio.sleep(2.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*loaders)
+    window = window_of_503s(answers)
+    refused = sum(1 for *_, status in answers if status != 200)
+    swap = gw.registry.get_sample_value("onoff_gateway_producer_replacement_seconds_sum")
+    logging.getLogger("test").warning(
+        "503 window during the replacement: %.3f s, %d of %d answers 503, swap after %.3f s",
+        window,
+        refused,
+        len(answers),
+        swap or -1.0,
+    )
+    assert (
+        gw.registry.get_sample_value(
+            "onoff_gateway_producer_restarts_total", {"reason": "OutOfOrderSequenceNumber"}
+        )
+        == 1
+    )
+    assert sum(1 for *_, status in answers if status == 200) > 50
+    assert window <= 2.0, f"503 window {window:.2f} s"
+
+
+@pytest.fixture
+async def gateway_under_load(
+    kafka_bootstrap: str, topics: Topics
+) -> AsyncIterator[tuple[RunningGateway, Topics]]:
+    server, gw = await start_gateway(gateway_env(kafka_bootstrap, topics), FAST)
+    try:
+        yield gw, topics
+    finally:
+        await gw.http.close()
+        await server.close()
+
+
+async def test_a_dead_supervisor_takes_healthz_down_and_says_so(
+    gateway_under_load: tuple[RunningGateway, Topics], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The supervisor is what reconnects and replaces the producer: if it dies of an error
+    nobody foresaw, the pod must be restarted, so /healthz answers 503 and a log line says
+    why (the error's type only)."""
+    gw, _ = gateway_under_load
+    publisher = gw.app[PUBLISHER]
+    assert await status_of(gw, "/healthz") == 200
+
+    async def broken_probe(*_: object) -> None:
+        raise RuntimeError("unforeseen")
+
+    publisher._probe = broken_probe  # type: ignore[method-assign]
+    await wait_until(lambda: not publisher.alive, 10, "the supervisor to die")
+    assert await status_of(gw, "/healthz") == 503
+    assert await status_of(gw, "/readyz") == 503
+    died = [r for r in caplog.records if r.getMessage() == "producer_supervisor_died"]
+    assert died
+    assert died[0].levelno >= logging.ERROR
+    assert getattr(died[0], "fields", {}).get("error_type") == "RuntimeError"
