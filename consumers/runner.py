@@ -120,7 +120,8 @@ class Runner:
         watchdog = self._watchdog_task
         if watchdog is not None and watchdog.done() and not watchdog.cancelled():
             return False
-        return time.monotonic() - self._heartbeat < 2 * self._settings.stall_seconds
+        silent = time.monotonic() - self._heartbeat
+        return silent < 2 * self._settings.stall_seconds or self._abandon.is_set()
 
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
@@ -524,7 +525,8 @@ class Runner:
                         self._retrying += 1
                     self._set_healthy(healthy=False)
                     self._m.retries.labels(self._name, stage).inc()
-                    if isinstance(exc, DedupeUnavailable):
+                    # Waiting out another member's lease is the store working, not failing.
+                    if isinstance(exc, DedupeUnavailable) and not isinstance(exc, ClaimHeld):
                         self._m.dedupe_errors.labels(self._name).inc()
                     retry_after = (
                         exc.retry_after if isinstance(exc, TransientSinkError | ClaimHeld) else None
@@ -719,7 +721,14 @@ class Runner:
         while True:
             await asyncio.sleep(self._settings.watchdog_interval_seconds)
             silent = time.monotonic() - self._heartbeat
-            if silent > self._settings.stall_seconds and not self._restart.is_set():
+            # on_revoked waiting for the batch in hand is bounded by itself (below the
+            # rebalance timeout): not a hang, whatever CONSUMER_STALL_SECONDS says.
+            revoking = self._abandon.is_set()
+            if (
+                silent > self._settings.stall_seconds
+                and not self._restart.is_set()
+                and not revoking
+            ):
                 # No fetch returned and no step was tried for that long, assignment or not:
                 # the consumer is stuck (in a rebalance, on a frozen broker). A new one.
                 log_event(

@@ -109,6 +109,7 @@ class ConsumerSettings:
             "retry_initial_seconds": self.backoff.initial_seconds,
             "retry_max_seconds": self.backoff.max_seconds,
             "stall_seconds": self.stall_seconds,
+            "rebalance_timeout_ms": self.rebalance_timeout_ms,
             "shutdown_timeout_seconds": self.shutdown_timeout_seconds,
             "kafka": self.kafka.describe(),
             "log_level": self.log_level,

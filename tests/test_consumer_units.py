@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from consumers.backoff import Backoff
-from consumers.dedupe import DedupeStore, RedisDedupe, SinkDedupe, SqliteDedupe, dedupe_from_url
+from consumers.dedupe import (
+    ClaimHeld,
+    DedupeStore,
+    RedisDedupe,
+    SinkDedupe,
+    SqliteDedupe,
+    dedupe_from_url,
+)
 from consumers.metrics import SECONDS_BUCKETS, BatchHistogram
 from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
 from consumers.settings import ConsumerSettings
@@ -118,6 +126,46 @@ async def test_dedupe_claim_confirm_release_and_takeover(store_pair: list[Dedupe
     await first.release(["a", "e"])
     assert await second.claim(["a"]) == {"a"}
     await first.ping()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def leased_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Two consumers' handles on one store whose leases settle for 1.5 s (as the CRM's do)."""
+    namespace = f"lease-{tmp_path.name}"
+    url = (
+        f"sqlite:///{tmp_path}/dedupe.sqlite3"
+        if request.param == "sqlite"
+        else request.getfixturevalue("redis_url")
+    )
+    settling = SimpleNamespace(takeover_settle_seconds=1.5)
+    stores = [dedupe_from_url(url, namespace, 3600, settling) for _ in range(2)]
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_a_young_lease_of_another_consumer_is_waited_out_never_taken_over(
+    leased_pair: list[DedupeStore],
+) -> None:
+    """While its owner renews it, a lease holds off every other consumer (nothing claimed,
+    a wait hinted); released or not, it is taken over only once it is older than the settle
+    time; done marks answer at once as ever."""
+    first, second = leased_pair
+    assert await first.claim(["a", "b"]) == set()
+    await first.confirm(["a"])
+    with pytest.raises(ClaimHeld) as held:
+        await second.claim(["a", "b", "c"])
+    assert 0 < held.value.retry_after <= 1.5
+    await asyncio.sleep(1.0)
+    await first.refresh(["b"])  # the owner still delivers
+    await first.release(["b"])  # a settling lease is left to age, even when released
+    await asyncio.sleep(1.0)
+    with pytest.raises(ClaimHeld):
+        await second.claim(["b"])  # 2 s since the claim, 1 s since the renewal
+    await asyncio.sleep(0.7)
+    assert await second.claim(["a", "b", "c"]) == {"a"}  # the owner stopped renewing
+    with pytest.raises(ClaimHeld):
+        await first.claim(["b"])  # now the second's lease holds the first off
 
 
 def test_dedupe_urls_are_checked() -> None:
