@@ -324,3 +324,29 @@ async def test_rolling_restart_mid_batch_at_hubspots_pace_creates_nothing_twice(
         assert len(fake.communications) == 60
     finally:
         await fake.close()
+
+
+async def test_search_answers_of_the_wrong_shape_are_retried_never_fatal_never_dead_lettered(
+    kafka_bootstrap: str, hubspot: FakeHubSpot, tmp_path: Path
+) -> None:
+    """A 2xx search answer that is not HubSpot's object (a JSON array, a proxy's page, results
+    without ids) speaks for the whole batch: before, `_search` raised AttributeError and the
+    consumer exited; now the batch is retried and then delivered, nothing dead-lettered."""
+    add_contact(hubspot, phone=CONTACT_NUMBER)
+    topic = await make_topics(kafka_bootstrap, sink="crm")
+    search = "/crm/v3/objects/communications/search"
+    hubspot.answer_next(1, 200, b"[1, 2]", path=search)
+    hubspot.answer_next(1, 200, b'"<html>maintenance</html>"', path=search)
+    hubspot.answer_next(1, 200, b'{"results": [{"properties": {}}]}', path=search)
+    event = sms_event(externalNumber=CONTACT_NUMBER)
+    async with InProcessConsumer(
+        crm_env(kafka_bootstrap, topic, hubspot, tmp_path), sink_name="crm"
+    ) as consumer:
+        await publish(kafka_bootstrap, topic, [event])
+        await wait_until(lambda: len(hubspot.communications) == 1, 30, "the SMS logged")
+        assert consumer.task is not None
+        assert not consumer.task.done()
+        assert consumer.metric("onoff_consumer_retries_total", stage="deliver") == 3
+        assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+        assert consumer.metric("onoff_consumer_unexpected_errors_total") == 0
+    assert creates_per_event(hubspot) == Counter({event["id"]: 1})

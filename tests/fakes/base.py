@@ -78,6 +78,7 @@ class _Fault:
     remaining: int
     path: str | None
     retry_after: float
+    body: bytes | None = None  # an answer of our choosing (a proxy's page, a wrong shape)
 
 
 class FakeServer:
@@ -133,6 +134,11 @@ class FakeServer:
         """
         self._faults.append(_Fault(status, count, path, retry_after))
 
+    def answer_next(self, count: int, status: int, body: bytes, *, path: str | None = None) -> None:
+        """Answer the next ``count`` requests (to ``path`` only, if given) with ``status`` and
+        ``body`` as JSON content: what a proxy or a vendor's bad day may send."""
+        self._faults.append(_Fault(status, count, path, 0.0, body))
+
     def pause(self) -> None:
         """Hold every request not yet being handled (new ones too) until :meth:`resume`."""
         self._open.clear()
@@ -166,6 +172,10 @@ class FakeServer:
             fault = self._take_fault(request.path)
             if fault is None:
                 response = await handler(request)
+            elif fault.body is not None:
+                response = web.Response(
+                    status=fault.status, body=fault.body, content_type="application/json"
+                )
             elif fault.status == 429:
                 response = self.rate_limited_response(fault.retry_after)
             else:
