@@ -237,6 +237,9 @@ def _compile_re2(label: str, pattern: str) -> CompiledPattern:
         reason = exc.args[0] if exc.args else ""
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
+        # RE2 appends the offending fragment ("missing ): (0611…"): keep its error code only,
+        # as the blocklist's errors name a position, never a number from the rules file.
+        reason = str(reason).split(":", 1)[0]
         raise RulesError(
             f"{label}: 'pattern' is not a valid RE2 regular expression ({reason}); RE2 has no "
             "backreferences or lookarounds, see docs/alert-rules.md#regex"

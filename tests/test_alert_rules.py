@@ -194,6 +194,14 @@ def test_patterns_re2_cannot_run_are_refused_at_load_naming_the_rule(
     assert "docs/alert-rules.md" in str(caught.value)
 
 
+def test_a_refused_pattern_is_not_quoted_in_the_error() -> None:
+    """A rules file may hold numbers to watch for; the start-up error, which reaches the pod
+    log, gives RE2's error code and never the pattern's text (RE2 appends the fragment)."""
+    with pytest.raises(RulesError, match=r"\(missing \)\)") as caught:
+        parse_rules(one(kind="regex", pattern="(0611223344|0699887766"), normalise)
+    assert "0611223344" not in str(caught.value)
+
+
 def test_regex_rules_are_case_insensitive_beyond_ascii_and_classes_are_ascii() -> None:
     """What docs/alert-rules.md says changed from Python's re: case folding is still Unicode,
     but \\w, \\d, \\s and \\b are ASCII; \\p{L} and \\p{N} are the Unicode classes."""

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from prometheus_client import CollectorRegistry
 
 from consumers.sinks import SinkConfigError
 from consumers.sinks.alerts import alerts_from_env
-from consumers.sinks.burst import burst_store_from_url
 from onoff_events.logs import JsonFormatter, quiet_libraries
 from tests.conftest import ROOT, wait_until
 from tests.consumer_harness import InProcessConsumer, consumer_env, make_topics, publish
@@ -159,12 +157,19 @@ targets = ["alertmanager", "log"]
     assert pagerduty.open_incident(pagerduty.events[0]["dedup_key"]) is not None
 
 
+@pytest.mark.parametrize(
+    "day",
+    ["2024-03-01", "1969-07-20"],
+    ids=["2024", "before-1970"],  # a negative timestamp: "never fired" must be earlier still
+)
 async def test_burst_fires_once_at_the_threshold_also_after_the_partition_moves(
     kafka_bootstrap: str,
     redis_url: str,
     pagerduty: FakePagerDuty,
     slack: FakeSlack,
     tmp_path: Path,
+    *,
+    day: str,
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     rules = write_rules(
@@ -184,7 +189,7 @@ targets = ["pagerduty", "slack"]
         return sms_event(
             externalNumber=SENDER,
             smsDirection="RECEIVED",
-            date=f"2024-03-01T10:{minute:02d}:{second:02d}Z",
+            date=f"{day}T10:{minute:02d}:{second:02d}Z",
         )
 
     env = alerts_env(
@@ -227,15 +232,27 @@ targets = ["pagerduty", "slack"]
     assert len(keys) == 2
 
 
-def test_bad_rules_stop_the_service_at_start_with_a_clear_error(tmp_path: Path) -> None:
-    cases = {
-        "[[rule]]\nname = 'x'\nkind = 'keyword'\n": "rule 'x': 'words' must be a non-empty list",
-        "[[rule]]\nname = 'y'\nkind = 'opt_out'\ntargets = ['slack']\n": (
-            "rule 'y': target 'slack' needs SLACK_WEBHOOK_URL"
+def test_bad_rules_or_a_missing_sender_key_stop_the_service_at_start_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    """Each start-up error exits 2 naming the variable: bad rules, and a rule that sends
+    beyond the log with no secret ALERT_SENDER_KEY (sender ids would be reversible)."""
+    slack = {"SLACK_WEBHOOK_URL": "http://127.0.0.1:9/services/T0/B0/X"}
+    cases: dict[str, tuple[dict[str, str], str, str]] = {
+        "[[rule]]\nname = 'x'\nkind = 'keyword'\n": (
+            {},
+            "ALERT_RULES_FILE",
+            "rule 'x': 'words' must be a non-empty list",
         ),
-        "[[rule\n": "not valid TOML",
+        "[[rule]]\nname = 'y'\nkind = 'opt_out'\ntargets = ['slack']\n": (
+            {},
+            "ALERT_RULES_FILE",
+            "rule 'y': target 'slack' needs SLACK_WEBHOOK_URL",
+        ),
+        "[[rule\n": ({}, "ALERT_RULES_FILE", "not valid TOML"),
+        SLACK_RULE: (slack, "ALERT_SENDER_KEY", "is not set"),
     }
-    for text, message in cases.items():
+    for text, (extra, variable, message) in cases.items():
         rules = write_rules(tmp_path / "rules.toml", text)
         done = subprocess.run(
             [sys.executable, "-m", "consumers", "alerts"],
@@ -245,12 +262,13 @@ def test_bad_rules_stop_the_service_at_start_with_a_clear_error(tmp_path: Path) 
                 "PATH": "/usr/bin:/bin",
                 "ALERT_RULES_FILE": str(rules),
                 "DEDUPE_URL": f"sqlite:///{tmp_path}/s.sqlite3",
+                **extra,
             },
             timeout=30,
             check=False,
         )
         assert done.returncode == 2, done.stderr
-        assert "invalid setting: ALERT_RULES_FILE" in done.stderr.decode()
+        assert f"invalid setting: {variable}" in done.stderr.decode()
         assert message in done.stderr.decode()
 
 
@@ -368,24 +386,6 @@ def test_a_target_other_than_log_needs_a_secret_sender_key(tmp_path: Path, key: 
     assert not (tmp_path / "state.sqlite3").exists()  # refused before opening anything
 
 
-def test_the_service_exits_at_start_without_a_sender_key_for_slack(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "consumers", "alerts"],
-        cwd=ROOT,
-        capture_output=True,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "ALERT_RULES_FILE": str(write_rules(tmp_path / "rules.toml", SLACK_RULE)),
-            "SLACK_WEBHOOK_URL": "http://127.0.0.1:9/services/T0/B0/X",
-            "DEDUPE_URL": f"sqlite:///{tmp_path}/s.sqlite3",
-        },
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "invalid setting: ALERT_SENDER_KEY: is not set" in done.stderr.decode()
-
-
 async def test_a_log_only_run_keeps_the_default_sender_key_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -398,16 +398,3 @@ async def test_a_log_only_run_keeps_the_default_sender_key_with_a_warning(
     )
     await sink.close()
     assert "alert_sender_key_default" in caplog.text
-
-
-async def test_never_fired_is_earlier_than_any_event_date_so_old_bursts_fire(
-    tmp_path: Path,
-) -> None:
-    """A burst fires only past the store's "fired until" time: for a rule that never fired it
-    must be earlier than any event's date, pre-1970 ones (negative timestamps) included; a
-    store answering 0 kept those bursts silent."""
-    store = burst_store_from_url(f"sqlite:///{tmp_path}/burst.sqlite3", "test")
-    try:
-        assert await store.fired_until("never-seen") < datetime(1, 1, 2, tzinfo=UTC).timestamp()
-    finally:
-        await store.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, example, given, note, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -269,6 +269,11 @@ def test_batch_histogram_scrapes_exactly_like_a_prometheus_client_histogram() ->
 
 
 @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+# The edges named in issue 11, always tried: no UTC time (refused), and just inside.
+@example(moment=datetime(9999, 12, 31, 23, 59, 59), offset_minutes=-60, leap=False, lower=False)
+@example(moment=datetime(1, 1, 1, 0, 0, 0), offset_minutes=60, leap=False, lower=False)
+@example(moment=datetime(1, 1, 1, 1, 0, 0), offset_minutes=60, leap=False, lower=True)
+@example(moment=datetime(9999, 12, 31, 23, 59, 59), offset_minutes=0, leap=True, lower=False)
 @given(
     moment=st.datetimes(
         min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
@@ -287,13 +292,19 @@ def test_every_date_the_gateway_accepts_is_read_by_consumers_in_utc(
     missed the overflowing dates."""
     sign = "-" if offset_minutes < 0 else "+"
     hours, minutes = divmod(abs(offset_minutes), 60)
-    text = moment.strftime("%Y-%m-%dT%H:%M:") + ("60" if leap else moment.strftime("%S"))
-    text += f".{moment.microsecond:06d}{sign}{hours:02d}:{minutes:02d}"
+    # Zero-padded by hand: strftime("%Y") writes year 1 as "1", which no checker accepts.
+    seconds = "60" if leap else f"{moment.second:02d}"
+    text = (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+        f"{moment.minute:02d}:{seconds}.{moment.microsecond:06d}{sign}{hours:02d}:{minutes:02d}"
+    )
     if lower:
         text = text.lower()
     raw = orjson.dumps(sms_event(date=text))
     accepted = isinstance(SmsEventChecker().check(raw), ValidSmsEvent)
     decoded = RecordDecoder().decode(kafka_record(raw))
+    note(f"{text} accepted={accepted}")
+    event("accepted" if accepted else "refused")
     if accepted:
         assert isinstance(decoded, SmsRecord), text
         assert decoded.sent_at.astimezone(UTC).tzinfo is UTC

@@ -33,7 +33,7 @@ from consumers.alert_rules import (
 from consumers.phones import masked, phone_region, to_e164
 from consumers.records import SmsRecord
 from consumers.sinks import Delivery, SinkConfigError
-from consumers.sinks.burst import NEVER_FIRED, BurstStore, burst_store_from_url
+from consumers.sinks.burst import BurstStore, burst_store_from_url
 from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
 from onoff_events import settings as s
 from onoff_events.logs import log_event
@@ -162,7 +162,6 @@ class AlertsSink:
         # (dedup key, target) already sent by this process: a batch retried after another
         # target failed does not post a second Slack message.
         self._sent: dict[tuple[str, str], None] = {}
-        self._firing_ends: dict[str, float] = {}
 
     async def start(self) -> None:
         """Targets connect on first use."""
@@ -173,7 +172,7 @@ class AlertsSink:
         await self._burst.close()
 
     async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
-        alerts = await self._alerts_for(events)
+        alerts, firing = await self._alerts_for(events)
         rejected: dict[str, str] = {}
         for name, target in self._targets.items():
             # A refusal by one target never keeps the alert from the others.
@@ -195,14 +194,9 @@ class AlertsSink:
             if alert.rule.kind == "burst":
                 window = alert.rule.window_minutes * 60
                 # Quiet for one window after the busy one: the same burst never fires twice.
-                end = self._firing_ends.get(
-                    self._burst_key(alert.rule, alert.sender_id), NEVER_FIRED
-                )
-                await self._burst.mark_fired(
-                    self._burst_key(alert.rule, alert.sender_id),
-                    max(end, alert.event.sent_at.timestamp()) + window,
-                    window,
-                )
+                # (A burst alert's key is always in ``firing``, its end at or after the event.)
+                key = self._burst_key(alert.rule, alert.sender_id)
+                await self._burst.mark_fired(key, firing[key] + window, window)
             self._matched.labels(self.name, alert.rule.name).inc()
         # Kept (bounded) after success too: a batch abandoned later (the dedupe confirm failing,
         # then a rebalance) and read again by this process must not post to Slack twice.
@@ -210,7 +204,10 @@ class AlertsSink:
             del self._sent[next(iter(self._sent))]
         return Delivery(rejected)
 
-    async def _alerts_for(self, events: Sequence[SmsRecord]) -> list[Alert]:
+    async def _alerts_for(
+        self, events: Sequence[SmsRecord]
+    ) -> tuple[list[Alert], dict[str, float]]:
+        """The batch's alerts, and for each burst that fires the end of its busy window."""
         alerts: list[Alert] = []
         firing: dict[str, float] = {}  # burst key → end of the busy window, first event only
         for event in events:
@@ -234,8 +231,7 @@ class AlertsSink:
                     firing[key] = window_end
                     matched.append(rule)
             alerts.extend(self._alert(rule, event, sender, sender_id) for rule in matched)
-        self._firing_ends = firing
-        return alerts
+        return alerts, firing
 
     def _alert(
         self, rule: AlertRule, event: SmsRecord, sender: str | None, sender_id: str
