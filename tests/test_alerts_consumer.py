@@ -398,3 +398,25 @@ async def test_a_log_only_run_keeps_the_default_sender_key_with_a_warning(
     )
     await sink.close()
     assert "alert_sender_key_default" in caplog.text
+
+
+async def test_with_a_per_message_target_batches_stay_small_enough_to_finish_in_time(
+    kafka_bootstrap: str, slack: FakeSlack, tmp_path: Path
+) -> None:
+    """Slack takes about a message a second: a batch of 500 events that all match would take
+    minutes and outlive the rebalance timeout. With Slack configured, the consumer reads at
+    most 20 events a batch (counted by the batch-size histogram), whatever it is offered."""
+    rules = write_rules(tmp_path / "rules.toml", SLACK_RULE)
+    topic = await make_topics(kafka_bootstrap, partitions=1, sink="alerts")
+    quiet = [sms_event(smsDirection="RECEIVED", body="nothing to see") for _ in range(45)]
+    await publish(kafka_bootstrap, topic, quiet)
+    env = alerts_env(kafka_bootstrap, topic, tmp_path, rules, SLACK_WEBHOOK_URL=slack.webhook_url())
+    async with InProcessConsumer(env, sink_name="alerts") as consumer:
+        await wait_until(
+            lambda: consumer.metric("onoff_consumer_events_delivered_total") == 45, 30, "all 45"
+        )
+        batches = consumer.metric("onoff_consumer_batch_size_records_count")
+        assert batches >= 3
+        assert consumer.metric("onoff_consumer_batch_size_records_bucket", le="25.0") == batches
+        assert consumer.metric("onoff_consumer_batch_size_records_sum") == 45
+    assert slack.messages == []

@@ -135,8 +135,12 @@ class PagerDutyTarget:
         await self._api.close()
 
 
+PACED_BATCH_EVENTS = 20
+
+
 class AlertsSink:
     name = "alerts"
+    max_batch_events = 10**9  # bounded below when a target is paced per message
 
     def __init__(
         self,
@@ -150,6 +154,11 @@ class AlertsSink:
     ) -> None:
         self._rules = rules
         self._targets = targets
+        # No batch may outlive the group's rebalance timeout: Slack takes about one message a
+        # second and PagerDuty two, so with either one a batch is at most ~20 s of posts even
+        # if every event matches (an SMS flood built to trip the rules).
+        if {"slack", "pagerduty"} & set(targets):
+            self.max_batch_events = PACED_BATCH_EVENTS
         self._burst = burst
         self._region = region
         self._sender_key = sender_key
