@@ -39,7 +39,7 @@ from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_e
 from consumers.settings import ConsumerSettings
 from consumers.sinks import Delivery, Sink, TransientSinkError
 from onoff_events.cloudevents import rfc3339_now
-from onoff_events.kafka import PRODUCER_FATAL, abandon_producer
+from onoff_events.kafka import PRODUCER_FATAL, stop_producer
 from onoff_events.logs import log_event
 
 log = logging.getLogger("consumers.runner")
@@ -846,15 +846,8 @@ async def _committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | No
 
 async def _stop_producer(producer: AIOKafkaProducer | None) -> None:
     """Stop within a bound: stop() flushes, which a dead cluster never lets finish."""
-    if producer is None:
-        return
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-            await producer.stop()
-    except (KafkaError, TimeoutError) as exc:
-        log_event(log, "dlq_producer_stop_failed", logging.WARNING, error_type=type(exc).__name__)
-        with contextlib.suppress(KafkaError, OSError):
-            await abandon_producer(producer)
+    if producer is not None:
+        await stop_producer(producer, CLOSE_TIMEOUT_SECONDS)
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer | None) -> None:

@@ -22,13 +22,14 @@ from typing import NoReturn
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.metrics import GatewayMetrics
 from onoff_events.cloudevents import Headers
 from onoff_events.kafka import (
     PRODUCER_FATAL,
     KafkaSettings,
-    abandon_producer,
+    stop_producer,
     topic_max_message_bytes,
 )
 from onoff_events.logs import log_event
@@ -48,7 +49,9 @@ class PublishFailed(Exception):
 class ProducerOptions:
     linger_ms: int = 2
     compression_type: str | None = None
-    # Large enough that a burst of webhooks shares one produce request per partition.
+    # Large enough that a burst of webhooks shares one produce request per partition. The
+    # broker holds a whole batch to the topic's max.message.bytes: capped to the smallest
+    # topic limit once the start-up check has read it.
     max_batch_size: int = 256 * 1024
     # aiokafka's default is 1 MiB; build_app derives it from GATEWAY_MAX_BODY_BYTES.
     max_request_size: int = 1024 * 1024
@@ -79,11 +82,15 @@ class Publisher:
         # topic → the largest record we may write there; checked once against the cluster.
         self._record_bytes_needed = dict(record_bytes_needed or {})
         self._limits_checked = False
+        # topic → its max.message.bytes, as read at start (empty when the cluster won't say).
+        self._topic_limits: dict[str, int] = {}
+        self._max_batch_size = options.max_batch_size
         self._producer: AIOKafkaProducer | None = None
         # Why the current producer must be replaced, and since when; it serves until then.
         self._replacing: str | None = None
         self._replacing_since = 0.0
-        self._swapped = asyncio.Event()  # set when the replacement asked for is in place
+        # Set when the replacement asked for is in place, or could not connect.
+        self._swapped = asyncio.Event()
         self._retiring: set[asyncio.Task[None]] = set()
         self._ready = False
         self._wake = asyncio.Event()
@@ -120,6 +127,10 @@ class Publisher:
             self._fail(topic, "producer_unavailable")
         started = time.perf_counter()
         if self._replacing is not None:
+            if not self._ready:
+                # The producer in place is broken and its replacement could not connect:
+                # waiting out the deadline would only make Onoff wait for the same 503.
+                self._fail(topic, "producer_unavailable")
             producer = await self._next_producer(topic, within)
             within -= time.perf_counter() - started
         sent = False
@@ -129,26 +140,46 @@ class Publisher:
                 sent = True
                 await delivery
         except TimeoutError:
-            self._timeouts_in_a_row += 1
-            if self._timeouts_in_a_row >= self._options.stalled_after_timeouts and self._ready:
-                self._replace(producer, "stalled")
+            # Late timeouts of a producer already replaced say nothing about the new one.
+            if producer is self._producer:
+                self._timeouts_in_a_row += 1
+                if self._timeouts_in_a_row >= self._options.stalled_after_timeouts and self._ready:
+                    self._replace(producer, "stalled")
             self._fail(topic, "timeout")
         except PRODUCER_FATAL as exc:
             self._replace(producer, type(exc).__name__)
             self._fail(topic, "producer_fatal")
         except MessageSizeTooLargeError:
-            if sent:
-                # The broker refused it (the topic's max.message.bytes). aiokafka had given
-                # the batch sequence numbers the broker never stored, so every later record
-                # to that partition would fail with OutOfOrderSequenceNumber: replace the
-                # producer now (the swap leaves no gap) instead of failing innocent events.
-                self._replace(producer, "message_too_large")
-            self._fail(topic, "message_too_large")
+            if not sent:
+                # The producer's own check: the record alone is over max_request_size.
+                self._fail(topic, "message_too_large")
+            # The broker refused the batch (the topic's max.message.bytes). aiokafka had
+            # given it sequence numbers the broker never stored, so every later record to
+            # that partition would fail with OutOfOrderSequenceNumber: replace the producer
+            # now (the swap leaves no gap) instead of failing innocent events.
+            self._replace(producer, "message_too_large")
+            if self._over_topic_limit(topic, key, value, headers):
+                self._fail(topic, "message_too_large")
+            # The batch held other records too: alone, in a fresh batch, this one may pass.
+            self._fail(topic, "batch_too_large")
         except KafkaError as exc:
             log_event(log, "publish_error", logging.WARNING, error_type=type(exc).__name__)
             self._fail(topic, "kafka_error")
-        self._timeouts_in_a_row = 0
+        if producer is self._producer:
+            self._timeouts_in_a_row = 0
         self._metrics.publish_duration.labels(topic).observe(time.perf_counter() - started)
+
+    def _over_topic_limit(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers
+    ) -> bool:
+        """The record alone, in a batch of its own, is over the topic's max.message.bytes as
+        read at start. False when the limit is unknown: a 503 may be retried for nothing,
+        but a 413 would lose an event that only shared its batch."""
+        limit = self._topic_limits.get(topic)
+        if limit is None:
+            return False
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers)
+        return bool(size > limit)
 
     async def close(self) -> None:
         """Stop supervising, flush what is pending (bounded), close every producer."""
@@ -162,8 +193,9 @@ class Publisher:
             self._retire(producer)
         retiring = list(self._retiring)
         try:
-            # Each one is bounded by the close timeout (then abandoned).
-            await asyncio.gather(*retiring)
+            # Each one is bounded by the close timeout (then abandoned); one that fails (its
+            # done callback logs it) must not leave the others un-awaited.
+            await asyncio.gather(*retiring, return_exceptions=True)
         except asyncio.CancelledError:
             for task in retiring:
                 task.cancel()
@@ -180,7 +212,8 @@ class Publisher:
         except TimeoutError:
             self._fail(topic, "producer_unavailable")
         producer = self._producer
-        if producer is None:
+        if producer is None or self._replacing is not None:
+            # Woken because the replacement could not connect.
             self._fail(topic, "producer_unavailable")
         return producer
 
@@ -237,9 +270,16 @@ class Publisher:
     def _retire(self, producer: AIOKafkaProducer) -> None:
         """Stop ``producer`` in the background: its pending records may still be acked (and
         answered 200) while the new producer already serves."""
-        task = asyncio.create_task(self._stop_quietly(producer), name="producer-retire")
+        task = asyncio.create_task(
+            stop_producer(producer, self._options.close_timeout_seconds), name="producer-retire"
+        )
         self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log_event(log, "producer_retire_failed", logging.WARNING, error_type=type(exc).__name__)
 
     def _set_ready(self, *, ready: bool) -> None:
         if ready != self._ready:
@@ -276,6 +316,11 @@ class Publisher:
                         error_type=type(exc).__name__,
                         retry_in_seconds=backoff,
                     )
+                    if self._replacing is not None:
+                        # The producer in place is broken and no new one connects (no probe
+                        # runs meanwhile): unready, and publishes waiting for the swap fail now.
+                        self._set_ready(ready=False)
+                        self._swapped.set()
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
@@ -301,7 +346,7 @@ class Publisher:
             enable_idempotence=True,
             linger_ms=o.linger_ms,
             compression_type=o.compression_type,
-            max_batch_size=o.max_batch_size,
+            max_batch_size=self._max_batch_size,
             max_request_size=o.max_request_size,
             request_timeout_ms=o.request_timeout_ms,
         )
@@ -309,41 +354,53 @@ class Publisher:
             async with asyncio.timeout(o.connect_timeout_seconds):
                 await producer.start()
         except BaseException:
-            await self._stop_quietly(producer)
+            await stop_producer(producer, o.close_timeout_seconds)
             raise
         for topic in self._topics:
             producer.client.add_topic(topic)
-        log_event(log, "producer_started", bootstrap_servers=self._kafka.bootstrap_servers)
+        log_event(
+            log,
+            "producer_started",
+            bootstrap_servers=self._kafka.bootstrap_servers,
+            max_batch_bytes=self._max_batch_size,
+        )
         return producer
 
     async def _check_record_limits(self) -> None:
-        """Once, at start: log the producer's request limit and compare the largest record we
-        may write with each topic's ``max.message.bytes``, when the cluster tells us."""
+        """Once, at start: log the producer's request and batch limits and compare what each
+        topic must take with its ``max.message.bytes``, when the cluster tells us; cap the
+        producer's batches to the smallest limit. Only logs: it never stops the supervisor."""
         self._limits_checked = True
         needed = self._record_bytes_needed
+        batch = self._options.max_batch_size
         try:
             async with asyncio.timeout(self._options.probe_timeout_seconds):
                 limits = await topic_max_message_bytes(self._kafka, list(needed))
-        except (KafkaError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 # a diagnostic: logged, the gateway serves on
             limits = {}
             log_event(log, "topic_limits_unreadable", logging.INFO, error_type=type(exc).__name__)
+        self._topic_limits = limits
         log_event(
             log,
             "record_size_limits",
             max_request_bytes=self._options.max_request_size,
+            max_batch_bytes=batch,
             record_bytes_needed=needed,
             topic_max_message_bytes=limits,
         )
         for topic, need in needed.items():
             limit = limits.get(topic)
+            required = max(need, batch)
             if limit is None:
                 log_event(
                     log,
                     "topic_max_message_bytes_unknown",
                     topic=topic,
                     record_bytes_needed=need,
+                    max_message_bytes_required=required,
                     detail="the cluster did not say (no DescribeConfigs permission?); a record "
-                    "over the topic's max.message.bytes is answered 413",
+                    "the broker refuses for its size is answered 503, as it may only have "
+                    "shared a batch too large",
                 )
             elif limit < need:
                 log_event(
@@ -353,10 +410,29 @@ class Publisher:
                     topic=topic,
                     max_message_bytes=limit,
                     record_bytes_needed=need,
+                    max_message_bytes_required=required,
                     detail="bodies near GATEWAY_MAX_BODY_BYTES will be answered 413: raise the "
                     "topic's max.message.bytes (KafkaTopic config) or lower "
                     "GATEWAY_MAX_BODY_BYTES",
                 )
+            elif limit < batch:
+                log_event(
+                    log,
+                    "topic_max_message_bytes_too_low",
+                    logging.WARNING,
+                    topic=topic,
+                    max_message_bytes=limit,
+                    record_bytes_needed=need,
+                    max_message_bytes_required=required,
+                    detail="below the producer's batch size: its batches are capped to the "
+                    "topic's limit (more produce requests under load); raise the topic's "
+                    "max.message.bytes (KafkaTopic config)",
+                )
+        smallest = min(limits.values(), default=batch)
+        if smallest < self._max_batch_size and self._producer is not None:
+            # A batch over a topic's limit is refused whole, its small records with it.
+            self._max_batch_size = smallest
+            self._replace(self._producer, "max_batch_size_capped")
 
     async def _probe(self, producer: AIOKafkaProducer) -> None:
         sender = producer._sender.sender_task  # noqa: SLF001 # aiokafka exposes no health API
@@ -375,16 +451,3 @@ class Publisher:
             if missing:
                 log_event(log, "topics_missing", logging.ERROR, topics=list(missing))
         self._set_ready(ready=reached and not missing)
-
-    async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
-        """Stop a producer within the close timeout, flushing what it can."""
-        try:
-            async with asyncio.timeout(self._options.close_timeout_seconds):
-                await producer.stop()
-        except TimeoutError:
-            # stop() waits for a flush that a dead cluster never allows; cut the cord so no
-            # task or socket outlives us. Records still pending were never answered 200.
-            log_event(log, "producer_close_timeout", logging.WARNING)
-            await abandon_producer(producer)
-        except KafkaError as exc:
-            log_event(log, "producer_close_failed", logging.WARNING, error_type=type(exc).__name__)

@@ -20,6 +20,11 @@ from onoff_events.sms_event import Quarantined
 
 QUARANTINE_EVENT_TYPE = "com.onoff.business.sms.quarantined.v1"
 
+# Room for the record's own fields (reasons, ids, labels) beyond the body: with a payload
+# larger than the body in base64 plus this, the record keeps the raw bytes instead. Well under
+# the 64 KiB the gateway's size budget leaves for them (gateway/settings.py).
+_FIELDS_MARGIN_BYTES = 16 * 1024
+
 
 def quarantine_record(
     verdict: Quarantined, received_at: str, key_label: str, *, keep_payload: bool = True
@@ -49,6 +54,10 @@ def quarantine_message(
 
     The key is the event id when there is a usable one, so a quarantined event lands in the
     same partition as its valid retries would; each record gets its own ``ce_id``.
+
+    The record is never larger than the body in base64 plus its own fields (the size the
+    producer and the DLQ topic are sized for): a payload that grows when written back keeps
+    the raw bytes instead.
     """
     key = verdict.event_id.encode() if verdict.event_id is not None else None
     try:
@@ -57,6 +66,14 @@ def quarantine_message(
         # orjson reads 1024 levels but writes only about 254: an object nested in between
         # cannot be written back, so the record keeps the exact bytes Onoff sent instead.
         value = orjson.dumps(quarantine_record(verdict, received_at, key_label, keep_payload=False))
+    else:
+        base64_size = 4 * -(-len(verdict.raw) // 3)
+        if len(value) > base64_size + _FIELDS_MARGIN_BYTES:
+            # Numbers grow when written back (1e9 becomes 1000000000.0), whitespace-free
+            # bodies cannot shrink: such a payload could exceed what Kafka takes.
+            value = orjson.dumps(
+                quarantine_record(verdict, received_at, key_label, keep_payload=False)
+            )
     headers: Headers = [
         ("ce_specversion", SPEC_VERSION.encode()),
         ("ce_id", uuid.uuid4().hex.encode()),

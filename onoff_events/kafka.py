@@ -3,6 +3,9 @@ closing a producer whose stop() cannot finish."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +16,7 @@ from aiokafka.errors import (
     IllegalStateError,
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
+    KafkaError,
     OutOfOrderSequenceNumber,
     ProducerClosed,
     ProducerFenced,
@@ -20,6 +24,9 @@ from aiokafka.errors import (
 )
 
 from onoff_events import settings as s
+from onoff_events.logs import log_event
+
+log = logging.getLogger("onoff_events.kafka")
 
 # After one of these an idempotent producer fails every later record (aiokafka issue 1017:
 # it never resets its sequence numbers): the only cure is a new producer.
@@ -122,8 +129,8 @@ async def ensure_topics(
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: PLC0415 # only tools need it
 
     admin = AIOKafkaAdminClient(**kafka.client_options())
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         missing = [name for name in topics if name not in existing]
         if missing:
@@ -139,11 +146,25 @@ async def abandon_producer(producer: AIOKafkaProducer) -> None:
     """Close a producer whose stop() timed out (its flush never ends while the cluster is
     away): its sender and connections, so no task or socket outlives it. aiokafka has no
     public way to abandon a flush. Records still pending were never acknowledged."""
-    # Closed for good: a late send() raises ProducerClosed instead of queueing into a dead
-    # accumulator (stop() sets this first; a stop() that never ran had not).
+    # Marked stopped, as stop() does first: a later stop() returns at once and __del__ does
+    # not warn about an unclosed producer (send() does not look at this flag).
     producer._closed = True  # noqa: SLF001
     await producer._sender.close()  # noqa: SLF001
     await producer.client.close()
+
+
+async def stop_producer(producer: AIOKafkaProducer, seconds: float) -> None:
+    """Stop ``producer`` within ``seconds``, flushing what it can; never raises a Kafka or
+    socket error. stop() waits for a flush that a dead cluster never allows: then the producer
+    is abandoned, so no task or socket outlives it (records still pending were never
+    acknowledged)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await producer.stop()
+    except (KafkaError, TimeoutError) as exc:
+        log_event(log, "producer_stop_failed", logging.WARNING, error_type=type(exc).__name__)
+        with contextlib.suppress(KafkaError, OSError):
+            await abandon_producer(producer)
 
 
 async def topic_max_message_bytes(kafka: KafkaSettings, topics: Sequence[str]) -> dict[str, int]:
@@ -159,8 +180,9 @@ async def topic_max_message_bytes(kafka: KafkaSettings, topics: Sequence[str]) -
     )
 
     admin = AIOKafkaAdminClient(**kafka.client_options())
-    await admin.start()
     try:
+        # start() inside: a start that fails half-way still has connections to close.
+        await admin.start()
         responses = await admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
         )

@@ -7,6 +7,7 @@ and e-mails are personal data and these reasons reach logs, HTTP answers and the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -67,6 +68,14 @@ class SmsEventChecker:
     def __init__(self, schema: dict[str, Any] | None = None) -> None:
         self._schema = schema if schema is not None else schemas.load(schemas.SMS_EVENT)
         self._validator = jsonschema_rs.Draft202012Validator(self._schema, validate_formats=True)
+        # With only these keywords at the top, a property the schema does not name can never
+        # be the cause of a problem: bodies are described from the properties it names.
+        top_level_only = set(self._schema) <= _KNOWN_ONLY_KEYWORDS
+        self._known: tuple[str, ...] | None = (
+            tuple(self._schema.get("properties", {}))
+            if top_level_only and self._schema.get("additionalProperties", True) is True
+            else None
+        )
 
     def check(self, raw: bytes) -> SmsEventVerdict:
         """Parse and validate one body."""
@@ -103,12 +112,14 @@ class SmsEventChecker:
     def _describe(self, document: dict[str, Any]) -> list[SchemaProblem]:
         """The problems of an invalid document; never raises.
 
-        jsonschema_rs turns each error's instance into Python objects and gives up past its
-        recursion limit (an object nested a few hundred levels). The schema only constrains
-        the first levels, so the problems of a copy cut at ``_DESCRIBE_DEPTH`` are the same;
-        if even that fails, one generic problem still says the body breaks the schema.
+        jsonschema_rs turns each error's instance into Python objects (the whole body for a
+        missing property: milliseconds for a large one) and gives up past its recursion limit
+        (an object nested a few hundred levels). The schema only constrains the first levels
+        of the properties it names, so the problems of a copy of those, cut at
+        ``_DESCRIBE_DEPTH``, are the same; if even that fails, one generic problem still says
+        the body breaks the schema.
         """
-        for candidate in (document, _shallow(document, _DESCRIBE_DEPTH)):
+        for candidate in self._described_parts(document):
             try:
                 problems = self._problems(candidate)
             except ValueError:
@@ -116,6 +127,14 @@ class SmsEventChecker:
             if problems:
                 return problems
         return [_UNDESCRIBED]
+
+    def _described_parts(self, document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """What to describe, cheapest first; each built only when the one before failed."""
+        if self._known is not None:
+            yield _shallow({k: document[k] for k in self._known if k in document}, _DESCRIBE_DEPTH)
+            return
+        yield document
+        yield _shallow(document, _DESCRIBE_DEPTH)
 
     def _problems(self, document: dict[str, Any]) -> list[SchemaProblem]:
         problems: list[SchemaProblem] = []
@@ -140,6 +159,19 @@ class SmsEventChecker:
 _DESCRIBE_DEPTH = 32
 """Levels of a body kept when describing its problems (the schema constrains only two)."""
 
+_KNOWN_ONLY_KEYWORDS = frozenset(
+    {
+        "$schema",
+        "$id",
+        "title",
+        "description",
+        "type",
+        "required",
+        "properties",
+        "additionalProperties",
+    }
+)
+
 _DATE_OUT_OF_RANGE = SchemaProblem(
     "/date", "format", "must be an RFC 3339 date-time between years 0001 and 9999 in UTC"
 )
@@ -153,6 +185,8 @@ def _utc_convertible(date: str) -> datetime | None:
     sent_at = parse_rfc3339(date)
     if sent_at is None:
         return None
+    if 1 < sent_at.year < 9999:  # an offset under a day moves the instant less than a year
+        return sent_at
     try:
         sent_at.astimezone(UTC)
     except OverflowError:

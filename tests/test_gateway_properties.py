@@ -83,6 +83,23 @@ async def test_a_deeply_nested_object_is_quarantined_with_its_exact_bytes_not_a_
     assert await read_records(kafka_bootstrap, topics.events, seconds=1) == []
 
 
+async def test_an_object_that_grows_when_rewritten_is_quarantined_with_its_exact_bytes(
+    gateway: RunningGateway, topics: Topics, kafka_bootstrap: str
+) -> None:
+    """orjson writes 1e9 back as 1000000000.0: a 60 kB object of them re-serialised is three
+    times its size, past the producer's request limit (once a 413 and nothing kept). The DLQ
+    record keeps the bytes Onoff sent instead, and there is exactly one."""
+    body = b'{"id":"n","x":[' + b",".join([b"1e9"] * 15_000) + b"]}"
+    assert len(body) < gateway.settings.max_body_bytes
+    status, answer = await _post(gateway, body)
+    assert (status, answer.get("status")) == (200, "quarantined"), answer
+    records = await read_records(kafka_bootstrap, topics.dlq, count=2, seconds=3)
+    assert len(records) == 1
+    dlq = orjson.loads(records[0].value)
+    DLQ_RECORD.validate(dlq)
+    assert base64.b64decode(dlq["raw_body_base64"]) == body
+
+
 @pytest.mark.parametrize(
     "date",
     ["9999-12-31T23:59:59-01:00", "0000-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00"],

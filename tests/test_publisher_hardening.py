@@ -6,23 +6,28 @@ ever), a producer replacement leaves at most a short 503 window, and a dead supe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
 
 from gateway.app import PUBLISHER
 from gateway.publisher import ProducerOptions
+from onoff_events.kafka import KafkaSettings, ensure_topics, topic_max_message_bytes
 from tests.conftest import TEST_KEY, RunningGateway, Topics, gateway_env, start_gateway, wait_until
 from tests.kafka_reader import read_records
 from tests.payloads import sms_body, sms_event
+from tests.services import LocalKafka, free_port_pair
 
 MIB = 1024 * 1024
 FAST = ProducerOptions(
@@ -119,6 +124,105 @@ async def test_a_record_the_broker_refuses_as_too_large_is_answered_413_and_the_
         )
         for _ in range(3):
             assert (await post(gw, small))[0] == 200
+    finally:
+        await gw.http.close()
+        await server.close()
+
+
+async def set_max_message_bytes(bootstrap: str, topic: str, limit: int) -> None:
+    """Change a topic's ``max.message.bytes`` on the running broker and wait until it says so."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        resource = ConfigResource(
+            ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(limit)}
+        )
+        await admin.alter_configs([resource])
+    finally:
+        await admin.close()
+    settings = KafkaSettings(bootstrap_servers=bootstrap)
+    for _ in range(50):
+        if (await topic_max_message_bytes(settings, [topic])).get(topic) == limit:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"max.message.bytes of {topic} never became {limit}")
+
+
+BATCHING = dataclasses.replace(FAST, linger_ms=100)  # concurrent records share one batch
+
+
+async def test_small_events_batched_past_the_topic_limit_are_never_answered_413(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four 60 kB events on one key at once: each fits the topic's 200 kB, the four together
+    do not. The broker judges a whole batch; Onoff never retries a 413, so each answer is a
+    200 or a 503 with Retry-After, and after retrying the 503s all four are on the topic. The
+    start-up check says the topic's limit is below the producer's batch size, and the producer
+    is rebuilt with batches capped to it."""
+    caplog.set_level(logging.INFO, logger="gateway.publisher")
+    topics = await create_topics(kafka_bootstrap, 200_000)
+    server, gw = await start_gateway(gateway_env(kafka_bootstrap, topics), BATCHING)
+    try:
+        key = str(uuid.uuid4())
+        bodies = [sms_body(id=key, body=f"{i}" * 60_000) for i in range(4)]
+        answers = await asyncio.gather(*(post(gw, body) for body in bodies))
+        for status, headers in answers:
+            assert status != 413
+            assert status == 200 or (status, "Retry-After" in headers) == (503, True)
+        await wait_until(
+            lambda: any(
+                r.getMessage() == "producer_started"
+                and getattr(r, "fields", {}).get("max_batch_bytes") == 200_000
+                for r in caplog.records
+            ),
+            10,
+            "a producer whose batches are capped to the topic's limit",
+        )
+        for body, (status, _) in zip(bodies, answers, strict=True):
+            if status != 200:
+                assert (await post(gw, body))[0] == 200
+        # Once capped, the same burst is accepted at once.
+        again = [sms_body(id=key, body=f"{i}" * 60_000) for i in range(4)]
+        assert [a[0] for a in await asyncio.gather(*(post(gw, b) for b in again))] == [200] * 4
+    finally:
+        await gw.http.close()
+        await server.close()
+    records = await read_records(kafka_bootstrap, topics.events, count=8)
+    assert sorted(r.value for r in records) == sorted(bodies + again)
+    [low] = [r for r in caplog.records if r.getMessage() == "topic_max_message_bytes_too_low"]
+    fields = getattr(low, "fields", {})
+    assert (fields["topic"], fields["max_message_bytes"]) == (topics.events, 200_000)
+    assert fields["max_message_bytes_required"] == 256 * 1024
+
+
+async def test_a_batch_refused_for_its_size_is_503_when_each_of_its_records_fits(
+    kafka_bootstrap: str,
+) -> None:
+    """The topic's limit was lowered after start (the gateway read 4 MiB): a batch of 110 kB
+    records is refused by the broker though each record fits. That is a 503 with Retry-After
+    (the retry travels in a fresh batch and passes), counted as batch_too_large, not a 413."""
+    topics = await create_topics(kafka_bootstrap, 4 * MIB)
+    env = gateway_env(kafka_bootstrap, topics, GATEWAY_MAX_BODY_BYTES=str(128 * 1024))
+    server, gw = await start_gateway(env, BATCHING)
+    try:
+        await wait_until(lambda: gw.app[PUBLISHER]._limits_checked, 10, "the start-up check")
+        await set_max_message_bytes(kafka_bootstrap, topics.events, 200_000)
+        key = str(uuid.uuid4())
+        bodies = [sms_body(id=key, body=f"{i}" * 110_000) for i in range(4)]
+        answers = await asyncio.gather(*(post(gw, body) for body in bodies))
+        assert all(status in (200, 503) for status, _ in answers), answers
+        assert all("Retry-After" in headers for status, headers in answers if status == 503)
+        assert any(status == 503 for status, _ in answers)
+        assert (
+            gw.registry.get_sample_value(
+                "onoff_gateway_publish_failures_total",
+                {"topic": topics.events, "reason": "batch_too_large"},
+            )
+            or 0
+        ) >= 1
+        for body, (status, _) in zip(bodies, answers, strict=True):
+            if status == 503:
+                assert (await post(gw, body))[0] == 200
     finally:
         await gw.http.close()
         await server.close()
@@ -231,3 +335,82 @@ async def test_a_dead_supervisor_takes_healthz_down_and_says_so(
     assert died
     assert died[0].levelno >= logging.ERROR
     assert getattr(died[0], "fields", {}).get("error_type") == "RuntimeError"
+
+
+async def test_an_unforeseen_error_reading_topic_limits_is_logged_and_the_gateway_serves_on(
+    kafka_bootstrap: str,
+    topics: Topics,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The start-up size check is a diagnostic: any error in it is logged with its type, and
+    the supervisor (which reconnects and replaces the producer) lives on."""
+    caplog.set_level(logging.INFO, logger="gateway.publisher")
+
+    async def unforeseen(*_: object) -> dict[str, int]:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr("gateway.publisher.topic_max_message_bytes", unforeseen)
+    server, gw = await start_gateway(gateway_env(kafka_bootstrap, topics), FAST)
+    try:
+        publisher = gw.app[PUBLISHER]
+        await wait_until(lambda: publisher._limits_checked, 10, "the start-up check")
+        await asyncio.sleep(2 * FAST.probe_interval_seconds)
+        assert publisher.alive
+        assert await status_of(gw, "/healthz") == 200
+        assert (await post(gw, sms_body()))[0] == 200
+    finally:
+        await gw.http.close()
+        await server.close()
+    [unreadable] = [r for r in caplog.records if r.getMessage() == "topic_limits_unreadable"]
+    assert getattr(unreadable, "fields", {}).get("error_type") == "RuntimeError"
+
+
+@pytest.fixture
+async def private_broker(tmp_path: Path) -> AsyncIterator[LocalKafka]:
+    broker = LocalKafka(tmp_path / "kafka", free_port_pair())
+    await asyncio.to_thread(broker.start)
+    try:
+        yield broker
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+@pytest.mark.broker_outage
+async def test_a_replacement_that_cannot_connect_turns_readyz_503_and_publishes_fail_fast(
+    private_broker: LocalKafka,
+) -> None:
+    """The producer breaks (its accumulator closed: every send raises ProducerClosed) while
+    the broker is away, so its replacement cannot connect. /readyz turns 503 within seconds,
+    and webhooks are answered 503 at once instead of after the whole publish deadline. The
+    broker back: ready again, 200 again. (Probes are far apart, so only the replacement can
+    notice the outage.)"""
+    topics = Topics("sms-events", "sms-events.dlq")
+    await ensure_topics(KafkaSettings(private_broker.bootstrap), {topics.events: 1, topics.dlq: 1})
+    options = dataclasses.replace(FAST, probe_interval_seconds=60.0)
+    env = gateway_env(private_broker.bootstrap, topics, GATEWAY_PUBLISH_TIMEOUT_SECONDS="4")
+    server, gw = await start_gateway(env, options)
+    try:
+        assert (await post(gw, sms_body()))[0] == 200
+        await asyncio.to_thread(private_broker.stop)
+        broken: Any = gw.app[PUBLISHER]._producer  # the test reaches in to break it on purpose
+        broken._message_accumulator._closed = True
+        started = time.monotonic()
+        assert (await post(gw, sms_body()))[0] == 503  # ProducerClosed: replacement asked
+        await wait_until(lambda: not gw.app[PUBLISHER].ready, 5, "readiness to drop")
+        assert await status_of(gw, "/readyz") == 503
+        assert time.monotonic() - started < 5
+        answers = []
+        for _ in range(3):
+            began = time.monotonic()
+            status, headers = await post(gw, sms_body())
+            answers.append((status, "Retry-After" in headers, time.monotonic() - began < 0.5))
+        assert answers == [(503, True, True)] * 3
+
+        await asyncio.to_thread(private_broker.start)
+        await wait_until(lambda: gw.app[PUBLISHER].ready, 30, "readiness after the broker is back")
+        assert await status_of(gw, "/readyz") == 200
+        assert (await post(gw, sms_body()))[0] == 200
+    finally:
+        await gw.http.close()
+        await server.close()

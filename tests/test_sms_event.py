@@ -197,3 +197,24 @@ def test_the_dlq_record_of_a_too_deep_object_falls_back_to_the_raw_body(depth: i
     assert record["reason"] == "schema_violation"
     assert base64.b64decode(record["raw_body_base64"]) == raw
     assert "payload" not in record
+
+
+@pytest.mark.parametrize("field", [b"body", b"company"])
+@pytest.mark.parametrize("depth", [253, 1022])
+def test_the_problems_of_a_deep_object_are_those_of_its_shallow_twin(
+    field: bytes, depth: int
+) -> None:
+    """A body too deep to describe directly is described from a cut copy: the problems are
+    exactly those of the same body with the deep value replaced by an empty one of its type,
+    whether the deep value sits in a property the schema knows or in an unknown one."""
+    wide = b"".join(b',"k%d":%d' % (i, i) for i in range(4000))
+    head = b'{"id":"n","smsDirection":"UP","onoffUserNumber":1' + wide + b',"' + field + b'":'
+    deep = CHECKER.check(head + b"[" * depth + b"]" * depth + b"}")
+    twin = CHECKER.check(head + b"[]}")
+    assert isinstance(deep, Quarantined)
+    assert isinstance(twin, Quarantined)
+    assert deep.problems == twin.problems
+    assert ("/smsDirection", "enum") in {(p.path, p.keyword) for p in deep.problems}
+    # A checker whose schema may care about any property describes the whole body: the same.
+    whole = SmsEventChecker({**schemas.load(schemas.SMS_EVENT), "$comment": "any keyword"})
+    assert whole.check(head + b"[]}") == twin
