@@ -174,7 +174,10 @@ async def _killed_between_create_and_confirm(
 ) -> None:
     contact = add_contact(hubspot, phone="+33612345678")
     await asyncio.sleep(hubspot.search_lag)  # the contact is searchable from here on
-    topic = await make_topics(kafka_bootstrap, sink="crm")
+    # One partition, written before the consumer starts: its first fetch holds all three
+    # events, so the "kill" below comes after all three creates (with three partitions written
+    # while it ran, a first batch of one event could block alone, as seen once in CI).
+    topic = await make_topics(kafka_bootstrap, partitions=1, sink="crm")
     events = [sms_event(externalNumber="+33612345678") for _ in range(3)]
     env = crm_env(kafka_bootstrap, topic, hubspot, tmp_path, CRM_CREATE_RETRY_SECONDS="2")
     wrappers: list[StopsBeforeConfirm] = []
@@ -183,9 +186,9 @@ async def _killed_between_create_and_confirm(
         wrappers.append(StopsBeforeConfirm(store))
         return wrappers[-1]
 
+    await publish(kafka_bootstrap, topic, events)
     dying = InProcessConsumer(env, sink_name="crm", wrap_dedupe=wrap)
     await dying.__aenter__()
-    await publish(kafka_bootstrap, topic, events)
     await asyncio.wait_for(wrappers[0].reached.wait(), 30)
     assert len(hubspot.communications) == 3
     assert dying.task is not None
