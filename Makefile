@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick kafka-fetch services-install deploy-tools deploy-check kafka-start kafka-stop clean help
+.PHONY: run test lint bench bench-quick fault fault-tools kafka-fetch services-install deploy-tools deploy-check kafka-start kafka-stop clean help
 
 help:
 	@sed -n '1,5p' Makefile
@@ -44,8 +44,20 @@ deploy-tools: $(STAMP)
 deploy-check: $(STAMP)
 	@scripts/deploy-check.sh
 
-test: $(STAMP) kafka-fetch services-install deploy-tools lint
+# Toxiproxy, the fault suite's TCP fault proxy: built from its Go module into .cache/bin
+# (once; about 40 s on a fresh machine).
+fault-tools:
+	@scripts/toxiproxy.sh install
+
+test: $(STAMP) kafka-fetch services-install deploy-tools fault-tools lint
 	$(BIN)/pytest
+
+# The fault-injection suite (docs/reliability.md): every scenario under Onoff-like load, all
+# processes real on 127.0.0.1, then the checker; writes .data/fault/last-run.json,
+# docs/reliability.md and a timeline PNG per scenario. About 25 minutes. make test runs the
+# quick subset (tests/test_fault_quick.py).
+fault: $(STAMP) kafka-fetch services-install fault-tools
+	$(BIN)/python -m tests.fault --report
 
 # Benchmarks (not part of make test): every scenario side by side in one run, results in
 # bench/results/. bench-quick is a one-minute smoke run with no thresholds.

@@ -10,6 +10,9 @@
 #
 # DIR defaults to .data/kafka, PORT to $KAFKA_PORT or 9092; the controller listens on PORT+1.
 # KAFKA_VERSION (default below) picks the release; KAFKA_HEAP_OPTS the JVM heap.
+# KAFKA_PROXIED_PORT and KAFKA_PROXIED_ADVERTISED_PORT (both or neither, at start/run) add a
+# listener PROXIED on the first port that advertises the second, a fault proxy's (toxiproxy)
+# in front of it: clients bootstrapped there keep talking through the proxy.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -87,18 +90,34 @@ java_run() {  # java_run CLASS ARGS...  (a tool: warnings only)
   java "${opts[@]}" "$@"
 }
 
+proxied_listener() {  # proxied_listener PORT CPORT: checks KAFKA_PROXIED_*; sets proxied_port, proxied_adv
+  proxied_port=${KAFKA_PROXIED_PORT:-} proxied_adv=${KAFKA_PROXIED_ADVERTISED_PORT:-}
+  [ -z "$proxied_port$proxied_adv" ] && return 0
+  [[ $proxied_port =~ ^[0-9]+$ && $proxied_adv =~ ^[0-9]+$ ]] \
+    || die "KAFKA_PROXIED_PORT and KAFKA_PROXIED_ADVERTISED_PORT: set both to port numbers, or neither"
+  [ "$proxied_port" != "$1" ] && [ "$proxied_port" != "$2" ] \
+    || die "KAFKA_PROXIED_PORT=$proxied_port is the broker's or the controller's port"
+}
+
 write_config() {  # write_config DIR PORT
-  local dir=$1 port=$2 cport=$(( $2 + 1 ))
+  local dir=$1 port=$2 cport=$(( $2 + 1 )) proxied_port proxied_adv
+  local listeners="PLAINTEXT://127.0.0.1:$port" advertised="PLAINTEXT://127.0.0.1:$port" map=""
+  proxied_listener "$port" "$cport"
+  if [ -n "$proxied_port" ]; then
+    listeners+=",PROXIED://127.0.0.1:$proxied_port"
+    advertised+=",PROXIED://127.0.0.1:$proxied_adv"
+    map=",PROXIED:PLAINTEXT"
+  fi
   mkdir -p "$dir/data"
   cat >"$dir/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=$listeners,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT$map
 log.dirs=$dir/data
 num.partitions=3
 # Topics are created on purpose (scripts, tests, Strimzi in production), never by a typo.
@@ -206,5 +225,5 @@ case "${1:-}" in
        mapfile -t opts < <(java_args "$cache/log4j2-INFO.properties")
        exec java "${opts[@]}" kafka.Kafka "$dir/server.properties" ;;
   class) shift; fetch; write_log_configs; java_run "$@" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac

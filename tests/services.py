@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +54,13 @@ def free_port_pair() -> int:
 
 @dataclass
 class LocalKafka:
-    """A real single-node Kafka broker run by scripts/kafka.sh in ``folder``."""
+    """A real single-node Kafka broker run by scripts/kafka.sh in ``folder``; ``env`` adds to
+    the script's environment (``KAFKA_PROXIED_PORT``/``KAFKA_PROXIED_ADVERTISED_PORT``: a
+    second listener for a fault proxy)."""
 
     folder: Path
     port: int
+    env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
@@ -67,6 +71,7 @@ class LocalKafka:
             [str(KAFKA_SCRIPT), "start", str(self.folder), str(self.port)],
             check=True,
             timeout=180,
+            env={**os.environ, **self.env},
         )
 
     def stop(self) -> None:

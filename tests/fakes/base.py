@@ -106,13 +106,14 @@ class FakeServer:
         """The vendor's answer for an injected 5xx."""
         raise NotImplementedError
 
-    async def start(self) -> str:
-        """Start listening; returns the base URL, e.g. ``http://127.0.0.1:54321``."""
+    async def start(self, port: int = 0) -> str:
+        """Start listening (on a free port unless ``port`` is given); returns the base URL,
+        e.g. ``http://127.0.0.1:54321``."""
         app = web.Application(middlewares=[self._middleware])
         app.add_routes(self.routes())
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
         host, port = self._runner.addresses[0][:2]
         self.base_url = f"http://{host}:{port}"
         return self.base_url
@@ -138,6 +139,10 @@ class FakeServer:
         """Answer the next ``count`` requests (to ``path`` only, if given) with ``status`` and
         ``body`` as JSON content: what a proxy or a vendor's bad day may send."""
         self._faults.append(_Fault(status, count, path, 0.0, body))
+
+    def clear_faults(self) -> None:
+        """Forget every injected answer not yet given (ends a storm of ``fail_next``)."""
+        self._faults.clear()
 
     def pause(self) -> None:
         """Hold every request not yet being handled (new ones too) until :meth:`resume`."""

@@ -1,0 +1,459 @@
+"""The fault scenarios: each starts a fresh cluster, puts Onoff-like load on it, injects one
+fault at a set time, waits for the consumers to catch up, and hands everything to the checker.
+
+A scenario is a name, a load and an ``inject`` coroutine that runs alongside the load: it
+sleeps until its moment, does the damage, marks the fault window, and repairs (or not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.fault.checker import check, install_attempt_counters
+from tests.fault.cluster import API_KEY, Cluster
+from tests.fault.sender import OnoffSender, SenderConfig
+
+
+@dataclass
+class Run:
+    """One scenario in progress: its cluster, its sender and what was observed."""
+
+    cluster: Cluster
+    sender: OnoffSender
+    fault_windows: list[list[Any]] = field(default_factory=list)
+    lag: dict[str, list[list[float]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    lag_errors: Counter[str] = field(default_factory=Counter)
+    extra_figures: dict[str, Any] = field(default_factory=dict)
+    _open_fault: tuple[float, str] | None = None
+
+    def now(self) -> float:
+        return self.sender.now()
+
+    async def until(self, at: float) -> None:
+        """Sleep until ``at`` seconds after the load started."""
+        delay = at - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def fault_starts(self, label: str) -> None:
+        self._open_fault = (self.now(), label)
+
+    def fault_ends(self) -> None:
+        if self._open_fault is not None:
+            start, label = self._open_fault
+            self.fault_windows.append([round(start, 2), round(self.now(), 2), label])
+            self._open_fault = None
+
+
+Inject = Callable[[Run], Awaitable[None]]
+
+
+async def nothing(_: Run) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    inject: Inject
+    rate: float = 250  # events/s: with every process on 2 cores, 400 left no CPU for recovery
+    seconds: float = 45
+    sinks: tuple[str, ...] = ("warehouse", "alerts")
+    gateways: int = 1
+    members: int = 1
+    drain_seconds: float = 120  # how long the consumers may take to catch up afterwards
+    quick: bool = False  # part of the subset `make test` runs
+
+
+# -- the faults ------------------------------------------------------------------------------
+
+
+def broker_killed(at: float, down: float) -> Inject:
+    async def inject(run: Run) -> None:
+        await run.until(at)
+        run.fault_starts(f"broker down (SIGKILL, {down:g} s)")
+        run.cluster.kill_broker()
+        await run.until(at + down)
+        await run.cluster.start_broker()
+        run.fault_ends()
+
+    return inject
+
+
+def broker_frozen(at: float, frozen: float) -> Inject:
+    async def inject(run: Run) -> None:
+        await run.until(at)
+        run.fault_starts(f"broker frozen (SIGSTOP, {frozen:g} s)")
+        run.cluster.freeze_broker()
+        await run.until(at + frozen)
+        run.cluster.resume_broker()
+        run.fault_ends()
+
+    return inject
+
+
+def consumers_killed(kills: int, every: float, first: float) -> Inject:
+    """SIGKILL a random member of a random sink at random points, start a fresh one in its
+    place, and add one more member to each group mid-run (a scale-up during batches)."""
+
+    async def inject(run: Run) -> None:
+        chooser = random.Random(7)  # noqa: S311 # fault timing, not security
+        cluster = run.cluster
+        for k in range(kills):
+            await run.until(first + k * every + chooser.uniform(0, every / 2))
+            sink = chooser.choice(cluster.sinks)
+            victim = chooser.choice(cluster.consumers[sink])
+            run.fault_starts(f"{victim.name} SIGKILLed")
+            victim.signal(signal.SIGKILL)
+            await victim.wait_exit(5)
+            cluster.consumers[sink].remove(victim)
+            await cluster.add_consumer(sink)
+            run.fault_ends()
+            run.notes.append(f"{victim.name} SIGKILLed at {run.now():.1f} s")
+        run.fault_starts("one member added per group")
+        await asyncio.gather(*(cluster.add_consumer(sink) for sink in cluster.sinks))
+        run.fault_ends()
+
+    return inject
+
+
+def gateway_rolled(at: float) -> Inject:
+    """A rolling update: a new gateway starts, the old one leaves the load balancer and gets
+    SIGTERM (it drains, finishes what it holds, flushes and exits); then the same for the
+    other one. Every answer a client waited for must come; none may be cut off."""
+
+    async def inject(run: Run) -> None:
+        cluster = run.cluster
+        await run.until(at)
+        run.fault_starts("rolling update of 2 gateways")
+        for old in list(cluster.gateways):
+            new = await cluster.add_gateway()
+            serving = [g for g in cluster.gateways if g is not old]
+            run.sender.route_to([cluster.webhook_url(g) for g in serving])
+            old.signal(signal.SIGTERM)
+            code = await old.wait_exit(30)
+            cluster.gateways.remove(old)
+            run.notes.append(f"{old.name} exited with {code} after SIGTERM; {new.name} took over")
+            run.extra_figures.setdefault("gateway_exit_codes", []).append(code)
+            await asyncio.sleep(3)
+        run.fault_ends()
+
+    return inject
+
+
+def postgres_restarted(at: float) -> Inject:
+    async def inject(run: Run) -> None:
+        await run.until(at)
+        run.fault_starts("PostgreSQL immediate restart")
+        await run.cluster.restart_postgres_immediate()
+        run.fault_ends()
+
+    return inject
+
+
+def redis_restarted(at: float, *, forget: bool) -> Inject:
+    async def inject(run: Run) -> None:
+        await run.until(at)
+        run.fault_starts("Redis restarted" + (" empty" if forget else " from its AOF"))
+        await run.cluster.restart_redis(forget=forget)
+        run.fault_ends()
+
+    return inject
+
+
+def hubspot_storm(at: float, seconds: float) -> Inject:
+    async def inject(run: Run) -> None:
+        await run.until(at)
+        run.fault_starts(f"HubSpot 503 for {seconds:g} s")
+        await run.cluster.hubspot_call("/__fault/storm", {"status": 503, "seconds": seconds})
+        await run.until(at + seconds)
+        run.fault_ends()
+        run.fault_starts(f"HubSpot 429 for {seconds:g} s")
+        await run.cluster.hubspot_call(
+            "/__fault/storm", {"status": 429, "seconds": seconds, "retry_after": 1}
+        )
+        await run.until(at + 2 * seconds)
+        run.fault_ends()
+
+    return inject
+
+
+def alertmanager_frozen(at: float, seconds: float) -> Inject:
+    async def inject(run: Run) -> None:
+        await run.until(at)
+        pid = int((run.cluster.alertmanager.folder / "alertmanager.pid").read_text())
+        run.fault_starts(f"Alertmanager frozen (SIGSTOP, {seconds:g} s)")
+        import os  # noqa: PLC0415
+
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await run.until(at + seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        run.fault_ends()
+
+    return inject
+
+
+SCENARIOS: list[Scenario] = [
+    Scenario("calm", "No fault (the baseline)", nothing, seconds=30),
+    Scenario(
+        "broker-kill-15s",
+        "Broker SIGKILLed, down 15 s",
+        broker_killed(10, 15),
+        seconds=45,
+        quick=True,
+    ),
+    Scenario(
+        "broker-kill-60s",
+        "Broker SIGKILLed, down 60 s (longer than Onoff's retry window)",
+        broker_killed(10, 60),
+        seconds=85,
+    ),
+    Scenario("broker-freeze-20s", "Broker frozen (SIGSTOP) 20 s", broker_frozen(10, 20)),
+    Scenario(
+        "consumer-kill",
+        "Consumers: 3 members a group, SIGKILLed at random points, one added mid-batch",
+        consumers_killed(kills=3, every=10, first=5),
+        members=3,
+        seconds=45,
+        quick=True,
+    ),
+    Scenario(
+        "gateway-rolling",
+        "Gateway SIGTERMed under load, a second one behind the same traffic",
+        gateway_rolled(10),
+        gateways=2,
+    ),
+    Scenario(
+        "postgres-restart",
+        "PostgreSQL restarted (immediate: no checkpoint, crash recovery)",
+        postgres_restarted(15),
+        sinks=("warehouse",),
+    ),
+    Scenario(
+        "redis-restart-aof",
+        "Redis (dedupe store) SIGKILLed and restarted from its append-only file",
+        redis_restarted(15, forget=False),
+        sinks=("alerts", "crm"),
+        rate=4,
+        seconds=60,
+    ),
+    Scenario(
+        "redis-restart-empty",
+        "Redis (dedupe store) SIGKILLed and restarted empty (no persistence)",
+        redis_restarted(15, forget=True),
+        sinks=("alerts", "crm"),
+        rate=4,
+        seconds=60,
+    ),
+    Scenario(
+        "hubspot-storms",
+        "HubSpot answering 503, then 429, for a minute each",
+        hubspot_storm(10, 60),
+        sinks=("crm",),
+        rate=3,
+        seconds=140,
+        drain_seconds=240,
+    ),
+    Scenario(
+        "alertmanager-frozen",
+        "Alertmanager frozen (SIGSTOP) 60 s",
+        alertmanager_frozen(10, 60),
+        sinks=("alerts",),
+        seconds=80,
+    ),
+]
+
+
+# -- running one --------------------------------------------------------------------------------
+
+
+async def _lag_sampler(run: Run, stop: asyncio.Event) -> None:
+    """Every second: each sink group's lag (end offsets minus committed), read from Kafka."""
+    cluster = run.cluster
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.kafka.bootstrap, request_timeout_ms=3000)
+    probe = AIOKafkaConsumer(bootstrap_servers=cluster.kafka.bootstrap, request_timeout_ms=3000)
+    started = False
+    try:
+        while not stop.is_set():
+            try:
+                if not started:
+                    await asyncio.wait_for(asyncio.gather(admin.start(), probe.start()), 5)
+                    started = True
+                lags = await asyncio.wait_for(group_lags(admin, probe, cluster), 3)
+                for sink, value in lags.items():
+                    run.lag.setdefault(sink, []).append([round(run.now(), 2), value])
+            except Exception as error:  # noqa: BLE001 # the broker may be down: no sample now
+                run.lag_errors[type(error).__name__] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        await asyncio.gather(admin.close(), probe.stop(), return_exceptions=True)
+
+
+async def group_lags(
+    admin: AIOKafkaAdminClient, probe: AIOKafkaConsumer, cluster: Cluster
+) -> dict[str, int]:
+    partitions = probe.partitions_for_topic(cluster.topic) or set()
+    if not partitions:
+        await probe._client.force_metadata_update()  # no public refresh
+        partitions = probe.partitions_for_topic(cluster.topic) or set()
+    tps = [TopicPartition(cluster.topic, p) for p in sorted(partitions)]
+    ends = await probe.end_offsets(tps)
+    lags: dict[str, int] = {}
+    for sink in cluster.sinks:
+        committed = await admin.list_consumer_group_offsets(f"onoff-{sink}", partitions=tps)
+        lags[sink] = sum(
+            ends[tp]
+            - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+            for tp in tps
+        )
+    return lags
+
+
+def _recovery(run: Run, per_second: dict[int, dict[str, int]]) -> float | None:
+    """Seconds from the end of the last fault window to the first second in which every
+    answer was a 200 (and at least one came) and every sink's lag was within 2 s of load."""
+    if not run.fault_windows:
+        return None
+    end = max(float(w[1]) for w in run.fault_windows)
+    rate = run.sender.config.rate
+    last = int(run.sender.result.duration)
+    for second in range(int(end), last + 1):
+        answers = per_second.get(second, {})
+        if second < run.sender.config.seconds and (not answers or set(answers) != {"200"}):
+            continue
+        lag_ok = all(
+            any(t >= second and v <= 2 * rate for t, v in samples) for samples in run.lag.values()
+        )
+        if lag_ok:
+            return round(max(0.0, second - end), 1)
+    return None
+
+
+async def _wait_drained(run: Run, seconds: float) -> bool:
+    """True once every sink group has committed up to the end of the topic."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        samples = [s[-1][1] for s in run.lag.values() if s]
+        if len(samples) == len(run.cluster.sinks) and all(v == 0 for v in samples):
+            latest = min(s[-1][0] for s in run.lag.values())
+            if latest >= run.now() - 2:
+                return True
+        await asyncio.sleep(1)
+    return False
+
+
+async def run_scenario(scenario: Scenario, folder: Path, *, scale: float = 1.0) -> dict[str, Any]:
+    """Run one scenario in a fresh cluster under ``folder``; returns its result as JSON."""
+    cluster = Cluster(folder / scenario.name, sinks=scenario.sinks)
+    result: dict[str, Any] = {
+        "name": scenario.name,
+        "title": scenario.title,
+        "rate": scenario.rate,
+        "seconds": scenario.seconds,
+        "ok": False,
+        "error": None,
+        "properties": [],
+        "figures": {},
+        "timeline": {},
+    }
+    started = time.monotonic()
+    try:
+        await cluster.start(gateways=scenario.gateways, members=scenario.members)
+        if "warehouse" in scenario.sinks:
+            await install_attempt_counters(cluster.postgres.url)
+        sender = OnoffSender(
+            SenderConfig(
+                urls=[cluster.webhook_url(g) for g in cluster.gateways],
+                api_key=API_KEY,
+                rate=scenario.rate,
+                seconds=scenario.seconds * scale,
+            )
+        )
+        run = Run(cluster, sender)
+        stop_sampling = asyncio.Event()
+        sender_task = asyncio.create_task(sender.run())
+        await asyncio.sleep(0)  # the sender's clock starts
+        sampler = asyncio.create_task(_lag_sampler(run, stop_sampling))
+        try:
+            await scenario.inject(run)
+            sent = await sender_task
+            drained = await _wait_drained(run, scenario.drain_seconds)
+            if not drained:
+                run.notes.append(f"consumers not caught up {scenario.drain_seconds:g} s after load")
+        finally:
+            stop_sampling.set()
+            await sampler
+            if not sender_task.done():
+                sender_task.cancel()
+        verdict = await check(cluster, sent)
+        figures = verdict.figures
+        per_second = {s: dict(c) for s, c in sent.per_second.items()}
+        fault_start = min((float(w[0]) for w in run.fault_windows), default=None)
+        fault_end = max((float(w[1]) for w in run.fault_windows), default=None)
+        figures["p99_ms_calm"] = round(sent.p99_ms(2.0, fault_start or float("inf")), 1)
+        figures["p99_ms_fault"] = (
+            round(sent.p99_ms(fault_start, fault_end + 10), 1)
+            if fault_start is not None and fault_end is not None
+            else None
+        )
+        figures["recover_seconds"] = _recovery(run, per_second)
+        figures["drained"] = drained
+        figures.update(run.extra_figures)
+        properties = [p.__dict__ for p in verdict.properties]
+        properties.append(
+            {
+                "name": "consumers caught up",
+                "ok": drained,
+                "detail": f"every sink's group committed to the end of the topic within "
+                f"{scenario.drain_seconds:g} s of the load's end",
+            }
+        )
+        if scenario.gateways > 1:
+            cut = sent.disconnects_mid_request
+            properties.append(
+                {
+                    "name": "no answer cut off",
+                    "ok": cut == 0,
+                    "detail": f"{cut} requests lost their connection before an answer",
+                }
+            )
+        last = max(per_second, default=0)
+        statuses = sorted({k for c in per_second.values() for k in c})
+        result.update(
+            ok=all(p["ok"] for p in properties),
+            properties=properties,
+            figures=figures,
+            notes=run.notes,
+            timeline={
+                "seconds": list(range(last + 1)),
+                "answers": {
+                    s: [per_second.get(i, {}).get(s, 0) for i in range(last + 1)] for s in statuses
+                },
+                "in_flight": [[round(t, 2), n] for t, n in sent.in_flight],
+                "lag": run.lag,
+                "fault_windows": run.fault_windows,
+            },
+        )
+    except Exception as error:  # noqa: BLE001 # one broken scenario must not hide the others
+        result["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        await cluster.stop()
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+    return result
