@@ -11,7 +11,7 @@ import sys
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from gateway.app import LIFECYCLE, build_app
+from gateway.app import LIFECYCLE, build_app, build_runner
 from gateway.settings import GatewaySettings
 from onoff_events import logs
 from onoff_events.logs import log_event
@@ -28,12 +28,7 @@ async def serve(settings: GatewaySettings) -> None:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     app = build_app(settings, registry)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=settings.shutdown_timeout_seconds,
-    )
+    runner = build_runner(app, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

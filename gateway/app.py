@@ -6,6 +6,8 @@ functions elsewhere; this module maps them to HTTP answers and Kafka records.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,8 +67,29 @@ class SmsWebhook:
         self._checker = SmsEventChecker()
         self._headers = SmsEventHeaders(settings.ce_source)
         self._unavailable = {"Retry-After": str(settings.retry_after_seconds)}
+        # Requests between entering and leaving receive(): a plain int, as the event loop runs
+        # one handler at a time; the gauge reads it at scrape time, never on the request path.
+        self._in_flight = 0
+        metrics.webhook_requests_in_flight.set_function(lambda: self._in_flight)
 
     async def receive(self, request: web.Request) -> web.Response:
+        if self._in_flight >= self._settings.max_in_flight:
+            # Before the key check and without reading the body: the cheapest answer there is.
+            # aiohttp then reads and discards the rest of the body (for at most lingering_time,
+            # see build_runner) so the connection stays usable.
+            self._metrics.count_refused("in_flight_limit")
+            return _json(
+                503,
+                {"error": "unavailable", "detail": "too many requests in flight"},
+                self._unavailable,
+            )
+        self._in_flight += 1
+        try:
+            return await self._receive(request)
+        finally:
+            self._in_flight -= 1
+
+    async def _receive(self, request: web.Request) -> web.Response:
         received_at = rfc3339_now()
         label = self._authenticate(request)
         if isinstance(label, AuthFailure):
@@ -80,9 +103,11 @@ class SmsWebhook:
         if request.content_length is not None and request.content_length > limit:
             return self._too_large()
         try:
-            raw = await request.read()
+            raw = await self._read_body(request)
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
+        except TimeoutError:
+            return await self._body_timed_out(request)
 
         verdict = self._checker.check(raw)
         try:
@@ -141,6 +166,32 @@ class SmsWebhook:
             request.headers.get("Authorization"), request.headers.get("X-API-Key")
         )
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        if request.content.is_eof():
+            # The whole body came with the headers (Onoff's does): nothing to wait for, and no
+            # timer to arm and cancel on the hot path.
+            return await request.read()
+        async with asyncio.timeout(self._settings.body_read_timeout_seconds):
+            return await request.read()
+
+    async def _body_timed_out(self, request: web.Request) -> web.Response:
+        """408 with ``Connection: close``, sent now, then the connection dropped."""
+        self._metrics.count_refused("body_timeout")
+        seconds = self._settings.body_read_timeout_seconds
+        response = _json(
+            408,
+            {"error": "body_timeout", "detail": f"the body did not arrive within {seconds:g} s"},
+        )
+        response.force_close()
+        # Left to aiohttp, a response to a request whose body is unread is followed by reading
+        # and discarding what the client still trickles in ("lingering"); this client has had
+        # its time, so the connection closes as soon as the answer is written.
+        with contextlib.suppress(ConnectionError):  # the client left: nothing to answer
+            await response.prepare(request)
+            await response.write_eof()
+        request.protocol.force_close()
+        return response
+
     def _too_large(self) -> web.Response:
         return _json(
             413,
@@ -193,6 +244,24 @@ async def _readyz(request: web.Request) -> web.Response:
     if not request.app[PUBLISHER].ready:
         return _json(503, {"status": "kafka_unavailable"})
     return _json(200, {"status": "ready"})
+
+
+def build_runner(app: web.Application, settings: GatewaySettings) -> web.AppRunner:
+    """The server around the gateway, with its bounds on slow and idle clients."""
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        # Also the bound on a request line and headers that never complete: aiohttp's server
+        # has no header timeout of its own, it closes a connection still waiting for a whole
+        # request at the keep-alive deadline (see GatewaySettings).
+        keepalive_timeout=settings.keepalive_timeout_seconds,
+        # How long aiohttp reads and discards a body the handler answered without reading
+        # (401, 413, 503): 10 s by default. A client gets no longer to send a body nobody
+        # reads than one the webhook reads.
+        lingering_time=settings.body_read_timeout_seconds,
+    )
 
 
 def build_app(

@@ -32,6 +32,10 @@ LATENCY_BUCKETS = (
     7.5,
     10.0,
 )
+# Why a webhook request was answered before its body was read in full: its body did not
+# arrive within GATEWAY_BODY_READ_TIMEOUT_SECONDS (408), or GATEWAY_MAX_IN_FLIGHT requests
+# were being handled already (503).
+REFUSAL_REASONS = ("body_timeout", "in_flight_limit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,8 @@ class GatewayMetrics:
     http_requests: Counter
     http_request_duration: Histogram
     http_requests_in_flight: Gauge
+    webhook_requests_in_flight: Gauge
+    refused_requests: Counter
     auth_failures: Counter
     accepted_events: Counter
     quarantined_events: Counter
@@ -62,6 +68,13 @@ class GatewayMetrics:
         pair[0].inc()
         pair[1].observe(seconds)
 
+    def count_refused(self, reason: str) -> None:
+        key = ("refused", reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.refused_requests.labels(reason)
+        child.inc()
+
     def observe_publish(self, topic: str, seconds: float) -> None:
         key = ("publish", topic)
         child = self._children.get(key)
@@ -79,7 +92,7 @@ class GatewayMetrics:
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
         p = "onoff_gateway_"
-        return cls(
+        metrics = cls(
             http_requests=Counter(
                 p + "http_requests",
                 "HTTP requests answered, by route template, method and status.",
@@ -96,6 +109,18 @@ class GatewayMetrics:
             http_requests_in_flight=Gauge(
                 p + "http_requests_in_flight",
                 "HTTP requests being handled now.",
+                registry=registry,
+            ),
+            webhook_requests_in_flight=Gauge(
+                p + "webhook_requests_in_flight",
+                "SMS webhook requests being handled now: what GATEWAY_MAX_IN_FLIGHT caps.",
+                registry=registry,
+            ),
+            refused_requests=Counter(
+                p + "refused_requests",
+                "SMS webhook requests answered without reading their body in full, by reason: "
+                "body_timeout (408), in_flight_limit (503).",
+                ["reason"],
                 registry=registry,
             ),
             auth_failures=Counter(
@@ -148,3 +173,6 @@ class GatewayMetrics:
                 registry=registry,
             ),
         )
+        for reason in REFUSAL_REASONS:  # exported at 0 from the start, so rate() sees the first
+            metrics.refused_requests.labels(reason)
+        return metrics

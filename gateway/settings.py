@@ -18,6 +18,13 @@ COMPRESSION_TYPES = frozenset({"none", "gzip", "lz4", "snappy", "zstd"})  # cram
 # Generous on purpose: the producer's limit only guards against our own mistakes, the
 # topic's max.message.bytes is the one that counts.
 RECORD_OVERHEAD_BYTES = 64 * 1024
+# Even at the ~8k requests/s one pod takes (docs/benchmarks.md), acknowledged in a few ms each,
+# tens of webhooks are in flight: the cap only bites when requests pile up (Kafka slow to
+# acknowledge, clients slow to send), and then a 503 at once beats a 503 after the deadline.
+MAX_IN_FLIGHT = 2048
+# ...and with large bodies allowed, the bodies held at once stay within this (a third of the
+# pod's 384 MiB memory limit): 2048 at the default 64 KiB, 16 at the 8 MiB maximum.
+IN_FLIGHT_BODY_BUDGET_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +40,9 @@ class GatewaySettings:
     retry_after_seconds: int
     drain_seconds: float
     shutdown_timeout_seconds: float
+    keepalive_timeout_seconds: float
+    body_read_timeout_seconds: float
+    max_in_flight: int
     topic: str
     dlq_topic: str
     ce_source: str
@@ -60,14 +70,15 @@ class GatewaySettings:
         publish_timeout = s.number(
             env, "GATEWAY_PUBLISH_TIMEOUT_SECONDS", 5.0, float, minimum=0.1, maximum=9.0
         )
+        max_body_bytes = s.number(
+            env, "GATEWAY_MAX_BODY_BYTES", 64 * 1024, int, minimum=1024, maximum=8 * 1024 * 1024
+        )
         return cls(
             host=s.text(env, "GATEWAY_HOST", "0.0.0.0"),  # noqa: S104 # a container listens on all interfaces
             port=s.number(env, "GATEWAY_PORT", 8080, int, minimum=1, maximum=65535),
             api_keys=keys,
             insecure_no_auth=insecure,
-            max_body_bytes=s.number(
-                env, "GATEWAY_MAX_BODY_BYTES", 64 * 1024, int, minimum=1024, maximum=8 * 1024 * 1024
-            ),
+            max_body_bytes=max_body_bytes,
             publish_timeout_seconds=publish_timeout,
             retry_after_seconds=s.number(
                 env, "GATEWAY_RETRY_AFTER_SECONDS", 5, int, minimum=1, maximum=3600
@@ -77,6 +88,30 @@ class GatewaySettings:
             ),
             shutdown_timeout_seconds=s.number(
                 env, "GATEWAY_SHUTDOWN_TIMEOUT_SECONDS", 15.0, float, minimum=1, maximum=600
+            ),
+            # An idle connection is closed after this long. It must outlast the idle timeout of
+            # the proxy in front (ingress-nginx's upstream-keepalive-timeout and AWS ALB's idle
+            # timeout are 60 s): a proxy reuses an idle upstream connection it believes open,
+            # and one the gateway closes at that moment fails the request with a 502. An idle
+            # connection costs a socket and a few KiB. aiohttp has no header timeout: this is
+            # also how long a request line and headers may take to complete.
+            keepalive_timeout_seconds=s.number(
+                env, "GATEWAY_KEEPALIVE_TIMEOUT_SECONDS", 75.0, float, minimum=1, maximum=3600
+            ),
+            # A body still arriving this long after its headers is answered 408 and its
+            # connection closed, so a client trickling bytes holds neither a connection nor a
+            # slot for long. Onoff's bodies (a few hundred bytes, 64 KiB at most) come with their
+            # headers; below Onoff's 10 s so its own timeout never fires first.
+            body_read_timeout_seconds=s.number(
+                env, "GATEWAY_BODY_READ_TIMEOUT_SECONDS", 5.0, float, minimum=0.1, maximum=9.0
+            ),
+            max_in_flight=s.number(
+                env,
+                "GATEWAY_MAX_IN_FLIGHT",
+                min(MAX_IN_FLIGHT, IN_FLIGHT_BODY_BUDGET_BYTES // max_body_bytes),
+                int,
+                minimum=1,
+                maximum=100_000,
             ),
             topic=topic,
             dlq_topic=s.text(env, "KAFKA_DLQ_TOPIC", f"{topic}.dlq"),
@@ -118,6 +153,9 @@ class GatewaySettings:
             "retry_after_seconds": self.retry_after_seconds,
             "drain_seconds": self.drain_seconds,
             "shutdown_timeout_seconds": self.shutdown_timeout_seconds,
+            "keepalive_timeout_seconds": self.keepalive_timeout_seconds,
+            "body_read_timeout_seconds": self.body_read_timeout_seconds,
+            "max_in_flight": self.max_in_flight,
             "topic": self.topic,
             "dlq_topic": self.dlq_topic,
             "ce_source": self.ce_source,

@@ -25,6 +25,6 @@ def test_openapi_document_is_valid_3_1_and_references_the_schema_files() -> None
     paths = document["paths"]
     assert set(paths) == {"/v1/onoff/sms", "/healthz", "/readyz", "/metrics"}
     answers = paths["/v1/onoff/sms"]["post"]["responses"]
-    assert set(answers) == {"200", "400", "401", "413", "503"}
+    assert set(answers) == {"200", "400", "401", "408", "413", "503"}
     body = paths["/v1/onoff/sms"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"] == "onoff-sms-event.schema.json"

@@ -17,6 +17,8 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.settings import GatewaySettings
+from onoff_events.settings import SettingsError
 from tests.conftest import API_KEYS, ROOT, TEST_KEY, Topics, gateway_env, wait_until
 from tests.kafka_reader import read_records
 from tests.payloads import sms_body
@@ -204,3 +206,38 @@ async def test_sigterm_during_a_burst_loses_no_acknowledged_event(
     events = [orjson.loads(line)["event"] for line in log_path.read_bytes().splitlines()]
     assert events.index("draining") < events.index("stopped")
     assert events[-1] == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GATEWAY_KEEPALIVE_TIMEOUT_SECONDS", "0"),
+        ("GATEWAY_KEEPALIVE_TIMEOUT_SECONDS", "forever"),
+        ("GATEWAY_BODY_READ_TIMEOUT_SECONDS", "10"),  # Onoff gives up at 10 s
+        ("GATEWAY_BODY_READ_TIMEOUT_SECONDS", "0"),
+        ("GATEWAY_MAX_IN_FLIGHT", "0"),
+        ("GATEWAY_MAX_IN_FLIGHT", "1.5"),
+    ],
+)
+def test_a_bad_slow_client_setting_is_refused_naming_it(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"^{variable}: "):
+        GatewaySettings.from_env({"GATEWAY_API_KEYS": API_KEYS, variable: value})
+
+
+def test_slow_client_settings_have_defaults_and_are_logged() -> None:
+    """Keep-alive outlasts the 60 s idle timeout of the proxies in front (ingress-nginx, AWS
+    ALB); a body gets 5 s; the in-flight cap is 2048, or fewer when large bodies are allowed,
+    so the bodies held at once stay within 128 MiB; all three are logged at start."""
+    defaults = GatewaySettings.from_env({"GATEWAY_API_KEYS": API_KEYS})
+    assert defaults.keepalive_timeout_seconds == 75
+    assert defaults.body_read_timeout_seconds == 5
+    assert defaults.max_in_flight == 2048
+    assert {
+        k: defaults.describe()[k]
+        for k in ("keepalive_timeout_seconds", "body_read_timeout_seconds", "max_in_flight")
+    } == {"keepalive_timeout_seconds": 75, "body_read_timeout_seconds": 5, "max_in_flight": 2048}
+
+    large_bodies = {"GATEWAY_API_KEYS": API_KEYS, "GATEWAY_MAX_BODY_BYTES": str(8 * 1024 * 1024)}
+    assert GatewaySettings.from_env(large_bodies).max_in_flight == 16
+    chosen = GatewaySettings.from_env({**large_bodies, "GATEWAY_MAX_IN_FLIGHT": "100"})
+    assert chosen.max_in_flight == 100
