@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fault.toxiproxy import Toxiproxy
 from tests.services import ROOT, LocalKafka, ScriptService, free_port, free_port_pair
 
 API_KEY = "fault-suite-key-0123456789abcdef"
@@ -147,6 +148,10 @@ class Cluster:
 
     folder: Path
     sinks: tuple[str, ...] = SINKS
+    # With ``proxied``, the gateways reach the broker, and the consumers reach PostgreSQL and
+    # Redis, through toxiproxy (proxies "kafka", "postgres", "redis") so the wire can be hurt.
+    proxied: bool = False
+    toxiproxy: Toxiproxy | None = None
     kafka: LocalKafka = field(init=False)
     postgres: ScriptService = field(init=False)
     redis: ScriptService = field(init=False)
@@ -161,6 +166,17 @@ class Cluster:
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.kafka = LocalKafka(self.folder / "kafka", free_port_pair())
+        self.proxy_ports: dict[str, int] = {}
+        if self.proxied:
+            self.toxiproxy = Toxiproxy(free_port(), self.folder / "toxiproxy")
+            self.proxy_ports = {"kafka": free_port(), "postgres": free_port(), "redis": free_port()}
+            self.kafka_proxied_port = free_port()
+            # The broker's second listener advertises the proxy's port: a client that came in
+            # through the proxy is told to stay on it (Kafka clients follow the metadata).
+            self.kafka.env = {
+                "KAFKA_PROXIED_PORT": str(self.kafka_proxied_port),
+                "KAFKA_PROXIED_ADVERTISED_PORT": str(self.proxy_ports["kafka"]),
+            }
         self.postgres = ScriptService("postgres.sh", self.folder / "postgres", free_port())
         self.redis = ScriptService("redis.sh", self.folder / "redis", free_port())
         self.alertmanager = ScriptService(
@@ -176,6 +192,8 @@ class Cluster:
             asyncio.to_thread(self._start_stores),
         )
         await self._make_topics()
+        if self.toxiproxy is not None:
+            await self._start_proxies(self.toxiproxy)
         if "crm" in self.sinks:
             await self._start_hubspot()
         self.rules_file.write_text(
@@ -192,6 +210,22 @@ severity = "warning"
         await asyncio.gather(
             *(self.add_consumer(sink) for sink in self.sinks for _ in range(members))
         )
+
+    async def _start_proxies(self, toxiproxy: Toxiproxy) -> None:
+        await toxiproxy.start()
+        upstreams = {
+            "kafka": f"127.0.0.1:{self.kafka_proxied_port}",
+            "postgres": f"127.0.0.1:{self.postgres.port}",
+            "redis": f"127.0.0.1:{self.redis.port}",
+        }
+        for name, upstream in upstreams.items():
+            await toxiproxy.create_proxy(name, self.proxy_ports[name], upstream)
+
+    def _via_proxy(self, url: str, name: str, port: int) -> str:
+        """``url`` with its port replaced by the proxy's, when the cluster is proxied."""
+        if not self.proxied:
+            return url
+        return url.replace(f":{port}/", f":{self.proxy_ports[name]}/")
 
     def _start_stores(self) -> None:
         if "warehouse" in self.sinks:
@@ -238,6 +272,9 @@ severity = "warning"
             service.signal(signal.SIGCONT)
         await asyncio.gather(*(s.stop(20) for s in everything))
         self.resume_broker()
+        if self.toxiproxy is not None:
+            with contextlib.suppress(Exception):
+                await self.toxiproxy.stop()
         for name, stop in (
             ("kafka", self.kafka.stop),
             ("postgres", self.postgres.stop),
@@ -255,7 +292,9 @@ severity = "warning"
             "GATEWAY_API_KEYS": f"onoff:{API_KEY}",
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(port),
-            "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap,
+            "KAFKA_BOOTSTRAP_SERVERS": (
+                f"127.0.0.1:{self.proxy_ports['kafka']}" if self.proxied else self.kafka.bootstrap
+            ),
             "GATEWAY_DRAIN_SECONDS": "2",
             "LOG_LEVEL": "WARNING",
         }
@@ -288,9 +327,11 @@ severity = "warning"
             "LOG_LEVEL": "WARNING",
         }
         if sink == "warehouse":
-            env["WAREHOUSE_URL"] = self.postgres.url
+            env["WAREHOUSE_URL"] = self._via_proxy(
+                self.postgres.url, "postgres", self.postgres.port
+            )
         else:
-            env["DEDUPE_URL"] = self.redis.url
+            env["DEDUPE_URL"] = self._via_proxy(self.redis.url, "redis", self.redis.port)
         if sink == "crm":
             env.update(
                 HUBSPOT_TOKEN=HUBSPOT_TOKEN,

@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from tests.fault.checker import check, install_attempt_counters
 from tests.fault.cluster import API_KEY, Cluster
 from tests.fault.sender import OnoffSender, SenderConfig
+from tests.fault.toxiproxy import Toxiproxy
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
     lag_errors: Counter[str] = field(default_factory=Counter)
     extra_figures: dict[str, Any] = field(default_factory=dict)
+    extra_properties: list[dict[str, Any]] = field(default_factory=list)
     _open_fault: tuple[float, str] | None = None
 
     def now(self) -> float:
@@ -76,6 +78,7 @@ class Scenario:
     gateways: int = 1
     members: int = 1
     drain_seconds: float = 120  # how long the consumers may take to catch up afterwards
+    proxied: bool = False  # the wire between services goes through toxiproxy
     quick: bool = False  # part of the subset `make test` runs
 
 
@@ -209,6 +212,150 @@ def alertmanager_frozen(at: float, seconds: float) -> Inject:
     return inject
 
 
+def wire_faults(proxies: tuple[str, ...], at: float, phase: float) -> Inject:
+    """On each of ``proxies`` at once, one phase after the other: 300 ± 100 ms of latency each
+    way, connections reset (TCP RST on every connection, new ones too), a black hole (bytes
+    dropped, connections left hanging); then a clean wire."""
+
+    async def inject(run: Run) -> None:
+        toxiproxy = run.cluster.toxiproxy
+        assert toxiproxy is not None, "a proxied scenario"  # programming error
+        phases: list[tuple[str, Callable[[str], Awaitable[object]]]] = [
+            ("latency 300±100 ms", lambda p: _both_ways_latency(toxiproxy, p)),
+            ("connections reset", toxiproxy.reset_peer),
+            ("black hole", toxiproxy.black_hole),
+        ]
+        where = "+".join(proxies)
+        for k, (label, hurt) in enumerate(phases):
+            await run.until(at + k * 2 * phase)
+            run.fault_starts(f"{where}: {label}")
+            for proxy in proxies:
+                await hurt(proxy)
+            await run.until(at + k * 2 * phase + phase)
+            for proxy in proxies:
+                await toxiproxy.clear(proxy)
+            run.fault_ends()
+
+    return inject
+
+
+async def _both_ways_latency(toxiproxy: Toxiproxy, proxy: str) -> None:
+    await toxiproxy.latency(proxy, 300, 100, stream="downstream")
+    await toxiproxy.latency(proxy, 300, 100, stream="upstream")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _idle_connection(port: int, opened: list[asyncio.StreamWriter]) -> None:
+    """One keep-alive connection that asks once and then says nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    opened.append(writer)
+
+
+async def _slowloris(port: int, until: float, counts: Counter[str]) -> None:
+    """Headers, then one body byte a second, again and again: the gateway must cut each one
+    off at its body-read timeout and stay fast for everybody else."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < until:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            counts["connect_failed"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        counts["started"] += 1
+        try:
+            writer.write(
+                b"POST /v1/onoff/sms HTTP/1.1\r\nHost: gw\r\n"
+                + f"Authorization: x-api-key {API_KEY}\r\n".encode()
+                + b"Content-Type: application/json\r\nContent-Length: 4096\r\n\r\n{"
+            )
+            while loop.time() < until:
+                await writer.drain()
+                try:
+                    answer = await asyncio.wait_for(reader.read(256), 1.0)
+                except TimeoutError:
+                    writer.write(b" ")
+                    continue
+                counts[answer.split(b" ", 2)[1].decode() if answer else "closed"] += 1
+                break
+        except (OSError, IndexError):
+            counts["reset"] += 1
+        finally:
+            writer.close()
+
+
+def slow_clients(at: float, seconds: float, idle: int = 500, trickling: int = 50) -> Inject:
+    """500 idle keep-alive connections and 50 slowloris senders while Onoff's traffic goes on:
+    the gateway's memory stays bounded and Onoff's answers stay fast."""
+
+    async def inject(run: Run) -> None:
+        gateway = run.cluster.gateways[0]
+        rss_before = _rss_mb(gateway.pid)
+        await run.until(at)
+        run.fault_starts(f"{idle} idle connections + {trickling} slowloris")
+        loop = asyncio.get_running_loop()
+        opened: list[asyncio.StreamWriter] = []
+        counts: Counter[str] = Counter()
+        idle_results = await asyncio.gather(
+            *(_idle_connection(gateway.port, opened) for _ in range(idle)),
+            return_exceptions=True,
+        )
+        trickle = [
+            asyncio.create_task(_slowloris(gateway.port, loop.time() + seconds, counts))
+            for _ in range(trickling)
+        ]
+        rss_peak = rss_before
+        while run.now() < at + seconds:
+            rss_peak = max(rss_peak, _rss_mb(gateway.pid))
+            await asyncio.sleep(1)
+        await asyncio.gather(*trickle)
+        for writer in opened:
+            writer.close()
+        run.fault_ends()
+        failed_idle = sum(1 for r in idle_results if isinstance(r, BaseException))
+        calm = run.sender.result.p99_ms(2.0, at)
+        during = run.sender.result.p99_ms(at, at + seconds)
+        run.extra_figures["slow_clients"] = {
+            "idle_opened": len(opened),
+            "idle_failed": failed_idle,
+            "slowloris": dict(counts),
+            "gateway_rss_mb_before": round(rss_before, 1),
+            "gateway_rss_mb_peak": round(rss_peak, 1),
+            "p99_ms_calm": round(calm, 1),
+            "p99_ms_during": round(during, 1),
+        }
+        run.extra_properties += [
+            {
+                "name": "slow clients: memory bounded",
+                "ok": rss_peak <= rss_before + 64,
+                "detail": f"gateway RSS {rss_before:.0f} MB before, {rss_peak:.0f} MB at peak "
+                f"(bound: +64 MB) with {len(opened)} idle connections and {trickling} slowloris",
+            },
+            {
+                "name": "slow clients: cut off at the body timeout",
+                "ok": counts["408"] > 0 and counts["200"] == 0,
+                "detail": f"slowloris answers: {dict(counts)}",
+            },
+            {
+                "name": "slow clients: Onoff's p99 within 2x calm",
+                "ok": during <= 2 * max(calm, 50.0),
+                "detail": f"p99 {during:.0f} ms during, {calm:.0f} ms calm "
+                "(calm floored at 50 ms: below it, scheduling noise on 2 cores dominates)",
+            },
+        ]
+
+    return inject
+
+
 SCENARIOS: list[Scenario] = [
     Scenario("calm", "No fault (the baseline)", nothing, seconds=30),
     Scenario(
@@ -234,10 +381,30 @@ SCENARIOS: list[Scenario] = [
         quick=True,
     ),
     Scenario(
+        "wire-gateway-broker",
+        "Wire between gateway and broker: latency, then resets, then a black hole (10 s each)",
+        wire_faults(("kafka",), 5, 10),
+        seconds=60,
+        proxied=True,
+    ),
+    Scenario(
+        "wire-consumers-stores",
+        "Wire between consumers and PostgreSQL/Redis: latency, resets, a black hole (10 s each)",
+        wire_faults(("postgres", "redis"), 5, 10),
+        seconds=60,
+        proxied=True,
+    ),
+    Scenario(
         "gateway-rolling",
         "Gateway SIGTERMed under load, a second one behind the same traffic",
         gateway_rolled(10),
         gateways=2,
+    ),
+    Scenario(
+        "slow-clients",
+        "500 idle keep-alive connections and 50 slowloris senders during Onoff's traffic",
+        slow_clients(10, 30),
+        sinks=("warehouse",),
     ),
     Scenario(
         "postgres-restart",
@@ -361,7 +528,7 @@ async def _wait_drained(run: Run, seconds: float) -> bool:
 
 async def run_scenario(scenario: Scenario, folder: Path, *, scale: float = 1.0) -> dict[str, Any]:
     """Run one scenario in a fresh cluster under ``folder``; returns its result as JSON."""
-    cluster = Cluster(folder / scenario.name, sinks=scenario.sinks)
+    cluster = Cluster(folder / scenario.name, sinks=scenario.sinks, proxied=scenario.proxied)
     result: dict[str, Any] = {
         "name": scenario.name,
         "title": scenario.title,
@@ -416,7 +583,7 @@ async def run_scenario(scenario: Scenario, folder: Path, *, scale: float = 1.0) 
         figures["recover_seconds"] = _recovery(run, per_second)
         figures["drained"] = drained
         figures.update(run.extra_figures)
-        properties = [p.__dict__ for p in verdict.properties]
+        properties = [p.__dict__ for p in verdict.properties] + run.extra_properties
         properties.append(
             {
                 "name": "consumers caught up",
