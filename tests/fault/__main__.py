@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,13 +79,17 @@ async def main(argv: list[str]) -> int:
         "scale": args.scale,
         "scenarios": [],
     }
+    # A failed scenario's logs are kept here; its scratch folder is not.
+    logs = ROOT / ".data" / "fault" / "logs"
     with tempfile.TemporaryDirectory(prefix="onoff-fault-") as scratch:
         for scenario in chosen:
             print(f"== {scenario.name}: {scenario.title}", flush=True)
-            result = await run_scenario(scenario, Path(scratch), scale=args.scale)
+            result = await run_scenario(scenario, Path(scratch), scale=args.scale, keep_logs=logs)
             run["scenarios"].append(result)
             if result["error"]:
                 print(f"ERROR  {result['error']}", flush=True)
+            if "logs" in result:
+                print(f"       logs: {result['logs']}", flush=True)
             for p in result["properties"]:
                 print(f"{'PASS' if p['ok'] else 'FAIL'}  {p['name']}: {p['detail']}", flush=True)
             figures = result["figures"]
@@ -123,5 +128,20 @@ async def main(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+async def _main_until_signalled(argv: list[str]) -> int:
+    """``main``, cancelled by SIGTERM or SIGINT so every scenario's ``finally`` stops its
+    cluster: an interrupted run leaves no broker, database or service behind."""
+    task = asyncio.current_task()
+    assert task is not None  # always inside asyncio.run
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await main(argv)
+    except asyncio.CancelledError:
+        print("interrupted: clusters stopped", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    sys.exit(asyncio.run(_main_until_signalled(sys.argv[1:])))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import signal
 import time
 from collections import Counter
@@ -116,6 +117,11 @@ def consumers_killed(kills: int, every: float, first: float) -> Inject:
     async def inject(run: Run) -> None:
         chooser = random.Random(7)  # noqa: S311 # fault timing, not security
         cluster = run.cluster
+        if cluster.toxiproxy is not None:
+            # Stores 50 ms away (another zone): a batch spends most of its time being
+            # delivered, so the kills land mid-batch, where a wrong commit order would lose it.
+            for proxy in ("postgres", "redis"):
+                await cluster.toxiproxy.latency(proxy, 50, 10, stream="downstream")
         for k in range(kills):
             await run.until(first + k * every + chooser.uniform(0, every / 2))
             sink = chooser.choice(cluster.sinks)
@@ -374,9 +380,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("broker-freeze-20s", "Broker frozen (SIGSTOP) 20 s", broker_frozen(10, 20)),
     Scenario(
         "consumer-kill",
-        "Consumers: 3 members a group, SIGKILLed at random points, one added mid-batch",
+        "Consumers: 3 members a group, stores 50 ms away, SIGKILLed at random points, one added",
         consumers_killed(kills=3, every=10, first=5),
         members=3,
+        proxied=True,
         seconds=45,
         quick=True,
     ),
@@ -526,7 +533,9 @@ async def _wait_drained(run: Run, seconds: float) -> bool:
     return False
 
 
-async def run_scenario(scenario: Scenario, folder: Path, *, scale: float = 1.0) -> dict[str, Any]:
+async def run_scenario(
+    scenario: Scenario, folder: Path, *, scale: float = 1.0, keep_logs: Path | None = None
+) -> dict[str, Any]:
     """Run one scenario in a fresh cluster under ``folder``; returns its result as JSON."""
     cluster = Cluster(folder / scenario.name, sinks=scenario.sinks, proxied=scenario.proxied)
     result: dict[str, Any] = {
@@ -623,4 +632,17 @@ async def run_scenario(scenario: Scenario, folder: Path, *, scale: float = 1.0) 
     finally:
         await cluster.stop()
         result["wall_seconds"] = round(time.monotonic() - started, 1)
+        if not result["ok"] and keep_logs is not None:
+            result["logs"] = str(_keep_logs(cluster.folder, keep_logs / scenario.name))
     return result
+
+
+def _keep_logs(folder: Path, into: Path) -> Path:
+    """Copy every log of a failed scenario's cluster (services, broker, stores) out of its
+    scratch folder, which is deleted after the run."""
+    into.mkdir(parents=True, exist_ok=True)
+    for log in folder.rglob("*.log"):
+        relative = log.relative_to(folder)
+        target = into / str(relative).replace("/", "__")
+        shutil.copyfile(log, target)
+    return into
