@@ -683,8 +683,53 @@ def main() -> int:
     name = "quick" if args.quick else "latest"
     (RESULTS / f"{name}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     (RESULTS / f"{name}.md").write_text(markdown(report))
+    # A full run's chart is the one docs/benchmarks.md shows; a quick run's stays in results.
+    draw_latency_vs_rate(
+        report,
+        RESULTS / "quick-latency.png" if args.quick else ROOT / "docs" / "benchmarks-latency.png",
+    )
     print(markdown(report))
     return 0
+
+
+def latency_curves(report: dict[str, Any]) -> dict[str, list[tuple[int, float, float]]]:
+    """server → [(offered rate, p50 ms, p99 ms)] from the fixed-rate (vegeta) scenarios."""
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for s in report["scenarios"]:
+        server, found, rate = s["name"].rpartition("_fixed_")
+        if found and rate.isdigit() and "p99_ms" in s:
+            curves.setdefault(server, []).append((int(rate), s["p50_ms"], s["p99_ms"]))
+    return {k: sorted(v) for k, v in curves.items()}
+
+
+def draw_latency_vs_rate(report: dict[str, Any], path: Path) -> None:
+    """Latency against offered rate, the gateway beside its baselines (log scale: a server
+    past its knee jumps by orders of magnitude). Needs matplotlib (the bench extra)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for server, points in latency_curves(report).items():
+        rates = [p[0] for p in points]
+        line = axes.plot(rates, [p[2] for p in points], marker="o", label=f"{server} p99")[0]
+        axes.plot(
+            rates,
+            [p[1] for p in points],
+            marker=".",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{server} p50",
+        )
+    axes.set_yscale("log")
+    axes.set_xlabel("offered rate (requests/s, open loop)")
+    axes.set_ylabel("latency (ms)")
+    axes.set_title(f"Latency against offered rate ({report['when']}, {report['profile']})")
+    axes.grid(visible=True, which="both", alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def _ratio(by_name: dict[str, dict[str, Any]], a: str, b: str) -> float:

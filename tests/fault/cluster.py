@@ -363,7 +363,7 @@ severity = "warning"
             self.folder / f"{name}.log",
         )
         member.start()
-        await member.wait_ready(60, "/healthz")
+        await member.wait_ready(120, "/healthz")  # a loaded 2-core machine starts slowly
         self.consumers.setdefault(sink, []).append(member)
         return member
 
