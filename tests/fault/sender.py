@@ -216,10 +216,14 @@ class OnoffSender:
             # The gateway closed a connection it had taken the request on: an answer lost.
             self.result.disconnects_mid_request += 1
             outcome = "disconnected"
+        except aiohttp.ConnectionTimeoutError:
+            # No connection within 1 s (Onoff's connect timeout). Also what a sender whose own
+            # loop stalled past that second reports, so it is kept apart from read timeouts.
+            outcome = "connect_timeout"
         except aiohttp.ClientConnectorError:
             outcome = "refused"
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            outcome = "timeout"
+            outcome = "timeout"  # connected and sent, no answer within 10 s
         except aiohttp.ClientError:
             outcome = "client_error"
         finally:
