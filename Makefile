@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-quick fault fault-tools kafka-fetch services-install deploy-tools deploy-check kafka-start kafka-stop clean help
+.PHONY: run test lint bench bench-quick fault soak fault-tools kafka-fetch services-install deploy-tools deploy-check kafka-start kafka-stop clean help
 
 help:
 	@sed -n '1,5p' Makefile
@@ -58,6 +58,13 @@ test: $(STAMP) kafka-fetch services-install deploy-tools fault-tools lint
 # quick subset (tests/test_fault_quick.py).
 fault: $(STAMP) kafka-fetch services-install fault-tools
 	$(BIN)/python -m tests.fault --report
+
+# The soak (docs/soak.md): 10 minutes at 2,000 events/s (vegeta, open loop) on a fresh cluster,
+# RSS and descriptors of every process sampled every 10 s, then the checker; writes
+# .data/fault/soak.json, docs/soak.md and docs/soak.png. About 13 minutes; needs a quiet machine.
+soak: $(STAMP) kafka-fetch services-install fault-tools
+	@scripts/bench-tools.sh
+	$(BIN)/python -m tests.fault.soak --report
 
 # Benchmarks (not part of make test): every scenario side by side in one run, results in
 # bench/results/. bench-quick is a one-minute smoke run with no thresholds.

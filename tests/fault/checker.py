@@ -110,26 +110,38 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 async def read_topic(bootstrap: str, topic: str) -> list[TopicRecord]:
-    """Every record of ``topic``, by Kafka's console consumer; raises when fewer were read
-    than the end offsets say exist (no transactions, so offsets are dense)."""
-    expected = sum((await end_offsets(bootstrap, topic)).values())
-    if expected == 0:
-        return []
+    """Every record of ``topic`` up to the end offsets read first, by Kafka's console consumer,
+    one partition at a time (concurrently); raises when fewer were read than those offsets say
+    exist (no transactions, so offsets are dense). Reading each partition up to its own end
+    offset keeps the read exact while the topic still grows (a request a client gave up on,
+    written late): one read of "the first N records of the topic" may swap a partition's last
+    records for another's late ones (seen in the soak)."""
+    ends = await end_offsets(bootstrap, topic)
+    parts = await asyncio.gather(
+        *(_read_partition(bootstrap, topic, p, end) for p, end in sorted(ends.items()) if end)
+    )
+    return [record for part in parts for record in part]
+
+
+async def _read_partition(
+    bootstrap: str, topic: str, partition: int, end: int
+) -> list[TopicRecord]:
     out = await _java_tool(
         "org.apache.kafka.tools.consumer.ConsoleConsumer",
         "--bootstrap-server",
         bootstrap,
         "--topic",
         topic,
-        "--from-beginning",
+        "--partition",
+        str(partition),
+        "--offset",
+        "earliest",
         "--max-messages",
-        str(expected),
+        str(end),
         "--timeout-ms",
         "30000",
         "--formatter-property",
         "print.key=true",
-        "--formatter-property",
-        "print.partition=true",
         "--formatter-property",
         "print.offset=true",
         "--formatter-property",
@@ -138,22 +150,22 @@ async def read_topic(bootstrap: str, topic: str) -> list[TopicRecord]:
         "null.literal=<null>",
     )
     records: list[TopicRecord] = []
-    # Each line: "Partition:P<sep>Offset:O<sep>KEY<sep>VALUE"; values are one-line JSON.
+    # Each line: "Offset:O<sep>KEY<sep>VALUE"; values are one-line JSON.
     for line in out.splitlines():
-        parts = line.split(KEY_SEPARATOR)
-        if len(parts) != 4:
+        fields = line.split(KEY_SEPARATOR)
+        if len(fields) != 3:
             continue
-        partition, offset, key, value = parts
+        offset, key, value = fields
         records.append(
             TopicRecord(
-                int(partition.removeprefix("Partition:")),
+                partition,
                 int(offset.removeprefix("Offset:")),
                 None if key == "<null>" else key,
                 value.encode(),
             )
         )
-    if len(records) != expected:
-        raise RuntimeError(f"{topic}: read {len(records)} records, the end offsets say {expected}")
+    if len(records) != end:
+        raise RuntimeError(f"{topic}-{partition}: read {len(records)} records, the end says {end}")
     return records
 
 
