@@ -449,5 +449,12 @@ class Publisher:
         if reached and missing != self._reported_missing:
             self._reported_missing = missing
             if missing:
-                log_event(log, "topics_missing", logging.ERROR, topics=list(missing))
+                log_event(
+                    log,
+                    "topics_missing",
+                    logging.ERROR,
+                    topics=list(missing),
+                    # TOPIC_AUTHORIZATION_FAILED in the metadata: an ACL, not a missing topic.
+                    not_authorized=sorted(set(missing) & cluster.unauthorized_topics),
+                )
         self._set_ready(ready=reached and not missing)

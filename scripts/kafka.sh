@@ -13,6 +13,12 @@
 # KAFKA_PROXIED_PORT and KAFKA_PROXIED_ADVERTISED_PORT (both or neither, at start/run) add a
 # listener PROXIED on the first port that advertises the second, a fault proxy's (toxiproxy)
 # in front of it: clients bootstrapped there keep talking through the proxy.
+# KAFKA_SASL_SSL_PORT and KAFKA_SECURE_DIR (both or neither, at start/run) add the production
+# security path: a listener SASL_SSL (SCRAM-SHA-512 over TLS) on that port, and KRaft's
+# StandardAuthorizer (no ACL, no access). The secure DIR holds broker.p12 (the broker's PKCS12
+# keystore: key and certificate for 127.0.0.1), broker.password (its password) and
+# scram-users ("name password" a line, [A-Za-z0-9._-] only): SCRAM-SHA-512 credentials written
+# when the storage is formatted; later ones: kafka.sh class kafka.admin.ConfigCommand.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -99,14 +105,34 @@ proxied_listener() {  # proxied_listener PORT CPORT: checks KAFKA_PROXIED_*; set
     || die "KAFKA_PROXIED_PORT=$proxied_port is the broker's or the controller's port"
 }
 
+secure_listener() {  # secure_listener PORT CPORT: checks KAFKA_SASL_SSL_PORT/KAFKA_SECURE_DIR; sets sasl_port, secure
+  sasl_port=${KAFKA_SASL_SSL_PORT:-} secure=${KAFKA_SECURE_DIR:-}
+  [ -z "$sasl_port$secure" ] && return 0
+  [[ $sasl_port =~ ^[0-9]+$ && -n $secure ]] \
+    || die "KAFKA_SASL_SSL_PORT and KAFKA_SECURE_DIR: set both (a port number, a folder), or neither"
+  [ "$sasl_port" != "$1" ] && [ "$sasl_port" != "$2" ] \
+    || die "KAFKA_SASL_SSL_PORT=$sasl_port is the broker's or the controller's port"
+  secure=$(cd "$secure" 2>/dev/null && pwd) || die "KAFKA_SECURE_DIR=$KAFKA_SECURE_DIR: no such folder"
+  local file
+  for file in broker.p12 broker.password scram-users; do
+    [ -f "$secure/$file" ] || die "KAFKA_SECURE_DIR: $secure/$file is missing"
+  done
+}
+
 write_config() {  # write_config DIR PORT
-  local dir=$1 port=$2 cport=$(( $2 + 1 )) proxied_port proxied_adv
+  local dir=$1 port=$2 cport=$(( $2 + 1 )) proxied_port proxied_adv sasl_port secure
   local listeners="PLAINTEXT://127.0.0.1:$port" advertised="PLAINTEXT://127.0.0.1:$port" map=""
   proxied_listener "$port" "$cport"
   if [ -n "$proxied_port" ]; then
     listeners+=",PROXIED://127.0.0.1:$proxied_port"
     advertised+=",PROXIED://127.0.0.1:$proxied_adv"
     map=",PROXIED:PLAINTEXT"
+  fi
+  secure_listener "$port" "$cport"
+  if [ -n "$sasl_port" ]; then
+    listeners+=",SASL_SSL://127.0.0.1:$sasl_port"
+    advertised+=",SASL_SSL://127.0.0.1:$sasl_port"
+    map+=",SASL_SSL:SASL_SSL"
   fi
   mkdir -p "$dir/data"
   cat >"$dir/server.properties" <<PROPS
@@ -134,16 +160,40 @@ log.retention.hours=24
 # (4 bytes for 3) inside a JSON record: 11 MiB covers both; Kafka's default is 1 MiB.
 message.max.bytes=11534336
 PROPS
+  [ -z "$sasl_port" ] || cat >>"$dir/server.properties" <<PROPS
+# KAFKA_SASL_SSL_PORT: the production security path. Services authenticate with SCRAM-SHA-512
+# over TLS on the SASL_SSL listener and get only what their ACLs allow.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$secure/broker.p12
+listener.name.sasl_ssl.ssl.keystore.password=$(head -n 1 "$secure/broker.password")
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+# User:admin is the operator over SASL_SSL. User:ANONYMOUS is whoever comes in over the
+# PLAINTEXT listeners on 127.0.0.1: the broker itself (inter-broker and controller traffic
+# use them, and the controller authorizes the broker's own requests) and local tooling
+# (topics, ACLs, SCRAM changes). Clients meant to be checked must use the SASL_SSL port.
+super.users=User:admin;User:ANONYMOUS
+PROPS
   write_log_configs
 }
 
 format_storage() {  # format_storage DIR
   local dir=$1
   [ -f "$dir/data/meta.properties" ] && return 0
-  local cluster_id
+  local cluster_id scram=() name password
   cluster_id=$(java_run kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+  if [ -n "${KAFKA_SASL_SSL_PORT:-}" ]; then  # both checked by write_config
+    while read -r name password _; do
+      [ -z "$name" ] && continue
+      [[ $name$password =~ ^[A-Za-z0-9._-]+$ && -n $password ]] \
+        || die "scram-users: expected 'name password' of [A-Za-z0-9._-], got a line for '$name'"
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$name,password=$password]")
+    done <"${KAFKA_SECURE_DIR%/}/scram-users"
+  fi
   java_run kafka.tools.StorageTool format --standalone -t "$cluster_id" \
-    -c "$dir/server.properties" >>"$dir/kafka.log" 2>&1 \
+    -c "$dir/server.properties" "${scram[@]}" >>"$dir/kafka.log" 2>&1 \
     || die "formatting KRaft storage failed; see $dir/kafka.log"
 }
 
@@ -225,5 +275,5 @@ case "${1:-}" in
        mapfile -t opts < <(java_args "$cache/log4j2-INFO.properties")
        exec java "${opts[@]}" kafka.Kafka "$dir/server.properties" ;;
   class) shift; fetch; write_log_configs; java_run "$@" ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
