@@ -70,24 +70,35 @@ class SmsWebhook:
         # Requests between entering and leaving receive(): a plain int, as the event loop runs
         # one handler at a time; the gauge reads it at scrape time, never on the request path.
         self._in_flight = 0
+        self._in_flight_bytes = 0  # their bodies: Content-Length, or the limit when unknown
         metrics.webhook_requests_in_flight.set_function(lambda: self._in_flight)
 
     async def receive(self, request: web.Request) -> web.Response:
-        if self._in_flight >= self._settings.max_in_flight:
-            # Before the key check and without reading the body: the cheapest answer there is.
-            # aiohttp then reads and discards the rest of the body (for at most lingering_time,
-            # see build_runner) so the connection stays usable.
-            self._metrics.count_refused("in_flight_limit")
-            return _json(
-                503,
-                {"error": "unavailable", "detail": "too many requests in flight"},
-                self._unavailable,
-            )
+        settings = self._settings
+        length = request.content_length
+        size = settings.max_body_bytes if length is None else min(length, settings.max_body_bytes)
+        if self._in_flight >= settings.max_in_flight:
+            return self._refuse("in_flight_limit")
+        if self._in_flight_bytes + size > settings.max_in_flight_bytes:
+            return self._refuse("in_flight_bytes_limit")
         self._in_flight += 1
+        self._in_flight_bytes += size
         try:
             return await self._receive(request)
         finally:
             self._in_flight -= 1
+            self._in_flight_bytes -= size
+
+    def _refuse(self, reason: str) -> web.Response:
+        # Before the key check and without reading the body: the cheapest answer there is.
+        # aiohttp then reads and discards the rest of the body (for at most lingering_time,
+        # see build_runner) so the connection stays usable.
+        self._metrics.count_refused(reason)
+        return _json(
+            503,
+            {"error": "unavailable", "detail": "too many requests in flight"},
+            self._unavailable,
+        )
 
     async def _receive(self, request: web.Request) -> web.Response:
         received_at = rfc3339_now()

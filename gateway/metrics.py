@@ -33,9 +33,9 @@ LATENCY_BUCKETS = (
     10.0,
 )
 # Why a webhook request was answered before its body was read in full: its body did not
-# arrive within GATEWAY_BODY_READ_TIMEOUT_SECONDS (408), or GATEWAY_MAX_IN_FLIGHT requests
-# were being handled already (503).
-REFUSAL_REASONS = ("body_timeout", "in_flight_limit")
+# arrive within GATEWAY_BODY_READ_TIMEOUT_SECONDS (408), or GATEWAY_MAX_IN_FLIGHT requests, or
+# GATEWAY_MAX_IN_FLIGHT_BYTES of bodies, were being handled already (503).
+REFUSAL_REASONS = ("body_timeout", "in_flight_limit", "in_flight_bytes_limit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +119,7 @@ class GatewayMetrics:
             refused_requests=Counter(
                 p + "refused_requests",
                 "SMS webhook requests answered without reading their body in full, by reason: "
-                "body_timeout (408), in_flight_limit (503).",
+                "body_timeout (408), in_flight_limit and in_flight_bytes_limit (503).",
                 ["reason"],
                 registry=registry,
             ),

@@ -226,18 +226,24 @@ def test_a_bad_slow_client_setting_is_refused_naming_it(variable: str, value: st
 
 def test_slow_client_settings_have_defaults_and_are_logged() -> None:
     """Keep-alive outlasts the 60 s idle timeout of the proxies in front (ingress-nginx, AWS
-    ALB); a body gets 5 s; the in-flight cap is 2048, or fewer when large bodies are allowed,
-    so the bodies held at once stay within 128 MiB; all three are logged at start."""
+    ALB); a body gets 5 s; up to 10,000 webhooks and 128 MiB of their bodies in flight (held
+    to the deadline while Kafka is away); all are logged at start."""
     defaults = GatewaySettings.from_env({"GATEWAY_API_KEYS": API_KEYS})
-    assert defaults.keepalive_timeout_seconds == 75
-    assert defaults.body_read_timeout_seconds == 5
-    assert defaults.max_in_flight == 2048
-    assert {
-        k: defaults.describe()[k]
-        for k in ("keepalive_timeout_seconds", "body_read_timeout_seconds", "max_in_flight")
-    } == {"keepalive_timeout_seconds": 75, "body_read_timeout_seconds": 5, "max_in_flight": 2048}
-
+    names = (
+        "keepalive_timeout_seconds",
+        "body_read_timeout_seconds",
+        "max_in_flight",
+        "max_in_flight_bytes",
+    )
+    assert {k: defaults.describe()[k] for k in names} == {
+        "keepalive_timeout_seconds": 75,
+        "body_read_timeout_seconds": 5,
+        "max_in_flight": 10_000,
+        "max_in_flight_bytes": 128 * 1024 * 1024,
+    }
     large_bodies = {"GATEWAY_API_KEYS": API_KEYS, "GATEWAY_MAX_BODY_BYTES": str(8 * 1024 * 1024)}
-    assert GatewaySettings.from_env(large_bodies).max_in_flight == 16
     chosen = GatewaySettings.from_env({**large_bodies, "GATEWAY_MAX_IN_FLIGHT": "100"})
     assert chosen.max_in_flight == 100
+    with pytest.raises(SettingsError, match="GATEWAY_MAX_IN_FLIGHT_BYTES"):
+        # Less than one body of the largest size: no such webhook could ever be taken.
+        GatewaySettings.from_env({**large_bodies, "GATEWAY_MAX_IN_FLIGHT_BYTES": "1048576"})

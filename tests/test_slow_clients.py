@@ -247,3 +247,44 @@ async def test_past_max_in_flight_a_webhook_gets_503_at_once_and_later_ones_are_
             for connection in [*held, third]:
                 await connection.close()
         assert served.sample("onoff_gateway_refused_requests_total", reason="body_timeout") == 0
+
+
+async def test_past_max_in_flight_bytes_a_webhook_gets_503_at_once_and_a_small_one_fits(
+    kafka_bootstrap: str, topics: Topics
+) -> None:
+    """GATEWAY_MAX_IN_FLIGHT_BYTES counts the bodies in flight by their Content-Length: with
+    one 40,000-byte webhook held, a 30,000-byte one is refused at once (503, counted), while a
+    small one still fits and is accepted."""
+    env = gateway_env(
+        kafka_bootstrap,
+        topics,
+        GATEWAY_MAX_IN_FLIGHT_BYTES=str(64 * 1024),
+        GATEWAY_BODY_READ_TIMEOUT_SECONDS="3",
+    )
+    async with serve(env) as served, ClientSession() as http:
+        big = sms_body(body="x" * 39_500)
+        held = await RawConnection.open(served.port)
+        refused_connection = await RawConnection.open(served.port)
+        try:
+            await held.send(webhook_head(len(big)) + big[:20])
+            await wait_until(
+                lambda: served.sample("onoff_gateway_webhook_requests_in_flight") == 1,
+                2,
+                "one webhook in flight",
+            )
+            await refused_connection.send(webhook_head(30_000))
+            refused = await asyncio.wait_for(refused_connection.answer(), 0.5)
+            assert refused.status == 503
+            assert (
+                served.sample(
+                    "onoff_gateway_refused_requests_total", reason="in_flight_bytes_limit"
+                )
+                == 1
+            )
+            assert await post_webhook(http, served, sms_body()) == (200, "")
+            await held.send(big[20:])
+            answer = await asyncio.wait_for(held.answer(), 5)
+            assert answer.status == 200
+        finally:
+            await held.close()
+            await refused_connection.close()
