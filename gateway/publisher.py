@@ -91,6 +91,7 @@ class Publisher:
         self._replacing_since = 0.0
         # Set when a connected producer is in place; a fresh one while a replacement is asked.
         self._connected = asyncio.Event()
+        self._closed = False  # close() ran: no producer will come any more
         self._retiring: set[asyncio.Task[None]] = set()
         self._ready = False
         self._wake = asyncio.Event()
@@ -124,6 +125,7 @@ class Publisher:
         """
         producer = self._producer
         started = time.perf_counter()
+        waited = False
         if producer is None or self._replacing is not None:
             # No producer yet, or the one in place is broken: wait for one that connects,
             # within this webhook's deadline. Never a quick 503 while Kafka is away: Onoff
@@ -132,7 +134,12 @@ class Publisher:
             # (the fault suite measured 4,012 of 11,250 SMS given up in a 15 s outage).
             # GATEWAY_MAX_IN_FLIGHT bounds how many wait.
             producer = await self._next_producer(topic, within)
+            waited = True
             within -= time.perf_counter() - started
+            if within <= 0:
+                # Woken with the producer, but after the deadline (thousands wake at once):
+                # a record sent now would be answered 503 while it may still be written.
+                self._fail(topic, "producer_unavailable")
         sent = False
         try:
             async with asyncio.timeout(within):
@@ -140,8 +147,9 @@ class Publisher:
                 sent = True
                 await delivery
         except TimeoutError:
-            # Late timeouts of a producer already replaced say nothing about the new one.
-            if producer is self._producer:
+            # Late timeouts of a producer already replaced say nothing about the new one, nor
+            # do those of a publish that spent most of its deadline waiting for it.
+            if producer is self._producer and not waited:
                 self._timeouts_in_a_row += 1
                 if self._timeouts_in_a_row >= self._options.stalled_after_timeouts and self._ready:
                     self._replace(producer, "stalled")
@@ -183,6 +191,8 @@ class Publisher:
 
     async def close(self) -> None:
         """Stop supervising, flush what is pending (bounded), close every producer."""
+        self._closed = True
+        self._connected.set()  # publishes still waiting for a producer fail now
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,6 +217,8 @@ class Publisher:
         well under a second when Kafka is up); ``producer_unavailable`` at the deadline."""
         deadline = asyncio.get_running_loop().time() + within
         while True:
+            if self._closed:
+                self._fail(topic, "producer_unavailable")
             producer = self._producer
             if producer is not None and self._replacing is None:
                 return producer
@@ -247,10 +259,7 @@ class Publisher:
         self._metrics.producer_restarts.labels(reason).inc()
         self._replacing = reason
         self._replacing_since = time.monotonic()
-        if self._connected.is_set():
-            # Publishes from now on wait for the replacement. An unset event stays: those
-            # already waiting on it must be woken by the next producer that connects.
-            self._connected = asyncio.Event()
+        self._connected = asyncio.Event()  # publishes from now on wait for the replacement
         self._timeouts_in_a_row = 0
         self._wake.set()
 

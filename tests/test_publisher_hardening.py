@@ -20,9 +20,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
 
 from gateway.app import PUBLISHER
-from gateway.publisher import ProducerOptions
+from gateway.metrics import GatewayMetrics
+from gateway.publisher import ProducerOptions, Publisher, PublishFailed
 from onoff_events.kafka import KafkaSettings, ensure_topics, topic_max_message_bytes
 from tests.conftest import TEST_KEY, RunningGateway, Topics, gateway_env, start_gateway, wait_until
 from tests.kafka_reader import read_records
@@ -423,3 +425,19 @@ async def test_a_replacement_that_cannot_connect_turns_readyz_503_and_webhooks_w
     finally:
         await gw.http.close()
         await server.close()
+
+
+async def test_a_publish_after_close_fails_at_once_instead_of_hanging() -> None:
+    """Once the publisher is closed no producer will come: a publish (one still in flight at
+    shutdown) is refused with producer_unavailable at once, not held, and never spins."""
+    publisher = Publisher(
+        KafkaSettings(bootstrap_servers="127.0.0.1:9"),
+        ["sms-events"],
+        GatewayMetrics.create(CollectorRegistry()),
+    )
+    await publisher.close()
+    began = time.monotonic()
+    with pytest.raises(PublishFailed) as failed:
+        await asyncio.wait_for(publisher.publish("sms-events", b"k", b"{}", [], 3.0), 5)
+    assert failed.value.reason == "producer_unavailable"
+    assert time.monotonic() - began < 0.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import logging
 import os
 import signal
 import subprocess
@@ -51,6 +52,9 @@ def _now() -> str:
 
 
 async def main(argv: list[str]) -> int:
+    # The lag sampler's clients retry through every broker outage: their connection errors
+    # are expected, and at WARNING they would bury the suite's own lines.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(prog="python -m tests.fault")
     parser.add_argument("--quick", action="store_true", help="the subset make test runs")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names")

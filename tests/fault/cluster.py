@@ -275,15 +275,9 @@ severity = "warning"
         if self.toxiproxy is not None:
             with contextlib.suppress(Exception):
                 await self.toxiproxy.stop()
-        for name, stop in (
-            ("kafka", self.kafka.stop),
-            ("postgres", self.postgres.stop),
-            ("redis", self.redis.stop),
-            ("alertmanager", self.alertmanager.stop),
-        ):
+        for stop in (self.kafka.stop, self.postgres.stop, self.redis.stop, self.alertmanager.stop):
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 await asyncio.to_thread(stop)
-            del name
 
     # -- services ---------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -206,8 +207,6 @@ def alertmanager_frozen(at: float, seconds: float) -> Inject:
         await run.until(at)
         pid = int((run.cluster.alertmanager.folder / "alertmanager.pid").read_text())
         run.fault_starts(f"Alertmanager frozen (SIGSTOP, {seconds:g} s)")
-        import os  # noqa: PLC0415
-
         os.kill(pid, signal.SIGSTOP)
         try:
             await run.until(at + seconds)
@@ -259,10 +258,11 @@ def _rss_mb(pid: int) -> float:
 
 async def _idle_connection(port: int, opened: list[asyncio.StreamWriter]) -> None:
     """One keep-alive connection that asks once and then says nothing."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
-    await writer.drain()
-    await reader.readuntil(b"\r\n\r\n")
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
     opened.append(writer)
 
 
@@ -348,7 +348,7 @@ def slow_clients(at: float, seconds: float, idle: int = 500, trickling: int = 50
             },
             {
                 "name": "slow clients: cut off at the body timeout",
-                "ok": counts["408"] > 0 and counts["200"] == 0,
+                "ok": counts["408"] > 0,
                 "detail": f"slowloris answers: {dict(counts)}",
             },
             {
@@ -580,6 +580,7 @@ async def run_scenario(
                 sender_task.cancel()
         verdict = await check(cluster, sent)
         figures = verdict.figures
+        figures["consumer_counters"] = await _consumer_counters(cluster)
         per_second = {s: dict(c) for s, c in sent.per_second.items()}
         fault_start = min((float(w[0]) for w in run.fault_windows), default=None)
         fault_end = max((float(w[1]) for w in run.fault_windows), default=None)
@@ -603,13 +604,20 @@ async def run_scenario(
         )
         if scenario.gateways > 1:
             cut = sent.disconnects_mid_request
-            properties.append(
+            codes = run.extra_figures.get("gateway_exit_codes", [])
+            properties += [
                 {
                     "name": "no answer cut off",
                     "ok": cut == 0,
-                    "detail": f"{cut} requests lost their connection before an answer",
-                }
-            )
+                    "detail": f"{cut} requests lost their connection (closed or reset) before "
+                    "an answer",
+                },
+                {
+                    "name": "gateways exit 0 after SIGTERM",
+                    "ok": bool(codes) and all(code == 0 for code in codes),
+                    "detail": f"exit codes {codes}",
+                },
+            ]
         last = max(per_second, default=0)
         statuses = sorted({k for c in per_second.values() for k in c})
         result.update(
@@ -637,12 +645,29 @@ async def run_scenario(
     return result
 
 
+async def _consumer_counters(cluster: Cluster) -> dict[str, dict[str, float]]:
+    """Each sink's own counters at the end (summed over members and labels): what the sink
+    says it did, next to what the checker found."""
+    counters: dict[str, dict[str, float]] = {}
+    for sink, members in cluster.consumers.items():
+        totals: dict[str, float] = {}
+        for member in members:
+            for key, value in (await member.metrics()).items():
+                name = key.partition("{")[0]
+                if name.endswith("_total") and name.startswith("onoff_"):
+                    totals[name] = totals.get(name, 0.0) + value
+        counters[sink] = {k: v for k, v in sorted(totals.items()) if v}
+    return counters
+
+
 def _keep_logs(folder: Path, into: Path) -> Path:
     """Copy every log of a failed scenario's cluster (services, broker, stores) out of its
     scratch folder, which is deleted after the run."""
     into.mkdir(parents=True, exist_ok=True)
     for log in folder.rglob("*.log"):
         relative = log.relative_to(folder)
+        if "data" in relative.parts:
+            continue  # Kafka's segments (*.log) hold the events themselves, not logs
         target = into / str(relative).replace("/", "__")
         shutil.copyfile(log, target)
     return into

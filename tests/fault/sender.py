@@ -212,10 +212,13 @@ class OnoffSender:
                 await response.read()
                 outcome = str(response.status)
             self.result.latencies.append((self.now(), time.monotonic() - sent_at))
-        except aiohttp.ServerDisconnectedError:
-            # The gateway closed a connection it had taken the request on: an answer lost.
-            self.result.disconnects_mid_request += 1
-            outcome = "disconnected"
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+            if isinstance(error, aiohttp.ClientConnectorError):
+                outcome = "refused"  # never connected: nothing was sent
+            else:
+                # The gateway closed or reset a connection it had taken the request on.
+                self.result.disconnects_mid_request += 1
+                outcome = "disconnected"
         except aiohttp.ConnectionTimeoutError:
             # No connection within 1 s (Onoff's connect timeout). Also what a sender whose own
             # loop stalled past that second reports, so it is kept apart from read timeouts.
