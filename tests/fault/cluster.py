@@ -162,6 +162,7 @@ class Cluster:
     consumers: dict[str, list[ServiceProcess]] = field(default_factory=dict)
     topic: str = "sms-events"
     _member_seq: int = 0
+    _gateway_seq: int = 0
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -295,12 +296,10 @@ severity = "warning"
 
     async def add_gateway(self) -> ServiceProcess:
         port = free_port()
+        self._gateway_seq += 1  # names stay unique after a rolling update removes some
+        name = f"gateway-{self._gateway_seq}"
         gateway = ServiceProcess(
-            f"gateway-{len(self.gateways)}",
-            ["-m", "gateway"],
-            self.gateway_env(port),
-            port,
-            self.folder / f"gateway-{len(self.gateways)}.log",
+            name, ["-m", "gateway"], self.gateway_env(port), port, self.folder / f"{name}.log"
         )
         gateway.start()
         await gateway.wait_ready(60)

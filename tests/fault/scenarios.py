@@ -646,8 +646,8 @@ async def run_scenario(
 
 
 async def _consumer_counters(cluster: Cluster) -> dict[str, dict[str, float]]:
-    """Each sink's own counters at the end (summed over members and labels): what the sink
-    says it did, next to what the checker found."""
+    """Each sink's own counters at the end, by series, summed over its members: what the
+    sink says it did (e.g. contacts found or missing), next to what the checker found."""
     counters: dict[str, dict[str, float]] = {}
     for sink, members in cluster.consumers.items():
         totals: dict[str, float] = {}
@@ -655,7 +655,7 @@ async def _consumer_counters(cluster: Cluster) -> dict[str, dict[str, float]]:
             for key, value in (await member.metrics()).items():
                 name = key.partition("{")[0]
                 if name.endswith("_total") and name.startswith("onoff_"):
-                    totals[name] = totals.get(name, 0.0) + value
+                    totals[key] = totals.get(key, 0.0) + value
         counters[sink] = {k: v for k, v in sorted(totals.items()) if v}
     return counters
 
