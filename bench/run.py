@@ -704,7 +704,7 @@ def latency_curves(report: dict[str, Any]) -> dict[str, list[tuple[int, float, f
 
 def draw_latency_vs_rate(report: dict[str, Any], path: Path) -> None:
     """Latency against offered rate, the gateway beside its baselines (log scale: a server
-    past its knee jumps by orders of magnitude). Needs matplotlib (the bench extra)."""
+    past its knee jumps by orders of magnitude). Needs matplotlib (the test extra, which make bench installs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -58,7 +58,13 @@ async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fault")
     parser.add_argument("--quick", action="store_true", help="the subset make test runs")
     parser.add_argument("--only", nargs="*", default=None, help="scenario names")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply load durations")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply load durations (fault times stay: below about 0.7 a late fault "
+        "may fall after the load)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="the run's JSON file")
     parser.add_argument("--report", action="store_true", help="write docs/reliability.md")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")

@@ -5,7 +5,7 @@ status, requests in flight, consumer lag per sink, fault windows shaded) and rep
 between the two markers of ``DOCS/reliability.md`` with the run's table and one section per
 scenario. Text outside the markers is never touched; the file is created if missing.
 
-matplotlib is imported only to draw (``pip install -e '.[fault]'``): without it the markdown is
+matplotlib is imported only to draw (``pip install -e '.[test]'``): without it the markdown is
 still written and says the charts were not drawn. The JSON defaults to
 ``DOCS/reliability/last-run.json``, the copy ``python -m tests.fault --report`` keeps.
 """
@@ -195,7 +195,7 @@ def draw_timeline(title: str, timeline: Timeline, path: Path) -> None:
         from matplotlib.figure import Figure  # noqa: PLC0415
         from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: PLC0415
     except ImportError as e:
-        raise MatplotlibMissing("matplotlib is not installed (pip install -e '.[fault]')") from e
+        raise MatplotlibMissing("matplotlib is not installed (pip install -e '.[test]')") from e
 
     figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

@@ -1035,7 +1035,7 @@ def write_report(result: Mapping[str, Any], doc: Path = DOC, chart: Path = CHART
             draw(result, chart)
             chart_name = chart.name
         except ImportError:
-            print("[soak] matplotlib missing: no chart (pip install -e '.[fault]')")
+            print("[soak] matplotlib missing: no chart (pip install -e '.[test]')")
     text = doc.read_text() if doc.exists() else "# Soak test\n"
     doc.write_text(replace_between_markers(text, render_markdown(result, chart_name)))
 
