@@ -150,3 +150,11 @@ def test_markers_are_replaced_or_appended() -> None:
     assert appended.endswith(f"{START_MARKER}\nx\n{END_MARKER}\n")
     with pytest.raises(ValueError, match="exactly one"):
         replace_between_markers(doc + START_MARKER, "x")
+
+
+def test_descriptors_may_move_by_the_slack_but_not_grow_past_it() -> None:
+    """15 → 17 → 15 descriptors is a transient socket, not a leak; 15 → 21 is growth."""
+    transient = [(20.0, 15.0), (30.0, 17.0), (40.0, 15.0)]
+    assert not flatness(transient, warmup=20, end=40).ok  # 10 % alone: +13 % fails
+    assert flatness(transient, warmup=20, end=40, slack=5).ok
+    assert not flatness([(20.0, 15.0), (30.0, 21.0)], warmup=20, end=40, slack=5).ok
