@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import logging
 import os
 import secrets
@@ -50,7 +51,26 @@ from tests.kafka_security import (
 from tests.payloads import sms_body, sms_event
 
 # The broker's start is part of the first test's time.
-pytestmark = [pytest.mark.broker_outage, pytest.mark.timeout(240)]
+pytestmark = [
+    pytest.mark.broker_outage,
+    pytest.mark.timeout(240),
+    # aiokafka leaves the connection of a failed SASL handshake unclosed (its __del__ warns
+    # when it is collected); the wrong-password tests make that happen on purpose. Only that
+    # warning is let through, and the fixture below collects it inside this module.
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in.*AIOKafkaConnection\.__del__"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _collect_failed_handshakes() -> Iterator[None]:
+    """Collect aiokafka's unclosed connections before the test ends, under the filter above,
+    so the warning never lands in a later module's test."""
+    yield
+    gc.collect()
+
 
 TOPICS = Topics("sms-events", "sms-events.dlq")  # the names users.yaml grants
 FAST_PROBES = ProducerOptions(
