@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,30 +22,9 @@ from typing import Any
 
 import orjson
 
+from tests.fault.run_info import git_commit, machine, utc_now
 from tests.fault.scenarios import SCENARIOS, run_scenario
 from tests.services import ROOT
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _machine() -> str:
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores, {memory:.0f} GiB"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def main(argv: list[str]) -> int:
@@ -82,9 +58,9 @@ async def main(argv: list[str]) -> int:
         return 0
 
     run: dict[str, Any] = {
-        "started_at": _now(),
-        "git_commit": _commit(),
-        "machine": _machine(),
+        "started_at": utc_now(),
+        "git_commit": git_commit(),
+        "machine": machine(),
         "quick": args.quick,
         "scale": args.scale,
         "scenarios": [],
@@ -118,7 +94,7 @@ async def main(argv: list[str]) -> int:
             print(
                 f"       {orjson.dumps(summary).decode()} in {result['wall_seconds']} s", flush=True
             )
-    run["finished_at"] = _now()
+    run["finished_at"] = utc_now()
     ok = all(s["ok"] and not s["error"] for s in run["scenarios"])
     run["ok"] = ok
     out = args.out or ROOT / ".data" / "fault" / "last-run.json"

@@ -38,7 +38,6 @@ import asyncio
 import base64
 import contextlib
 import csv
-import datetime as dt
 import gzip
 import io
 import itertools
@@ -61,6 +60,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.fault.checker import check, install_attempt_counters
 from tests.fault.cluster import API_KEY, Cluster, metric_sum
+from tests.fault.run_info import git_commit, utc_now
 from tests.fault.sender import SendResult, sms_body
 from tests.services import ROOT
 
@@ -577,23 +577,6 @@ class SoakConfig:
     broker_heap: str = "-Xms768m -Xmx768m -XX:+AlwaysPreTouch"  # "" keeps kafka.sh's default
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def handler_ms(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float | None]:
     """Per gateway, the mean time inside the handler and inside publish between two samples."""
     out: dict[str, float | None] = {}
@@ -707,8 +690,8 @@ async def soak(config: SoakConfig) -> dict[str, Any]:
     if not VEGETA.exists():
         raise RuntimeError(f"{VEGETA} missing: scripts/bench-tools.sh builds it")
     result: dict[str, Any] = {
-        "started_at": _now(),
-        "git_commit": _git_commit(),
+        "started_at": utc_now(),
+        "git_commit": git_commit(),
         "machine": f"{os.cpu_count()} cores",
         "config": {
             "rate": config.rate,
