@@ -330,6 +330,15 @@ class FakeHubSpot(FakeServer):
                 )
         return result
 
+    def seed_contact(self, properties: dict[str, str]) -> str:
+        """A contact that was in the CRM before the test: already in the search index (a
+        seeded record subject to ``search_lag`` would be invisible to the first searches and
+        read as an unknown contact). Returns its id."""
+        contact = self._new_record("contacts", dict(properties), [])
+        contact.created -= self.search_lag
+        self.contacts.append(contact)
+        return contact.id
+
     def _new_record(
         self, object_type: str, values: dict[str, str], associations: list[dict[str, Any]]
     ) -> CrmRecord:

@@ -25,8 +25,7 @@ def build_fake() -> FakeHubSpot:
     # that shows a new record 2 s after its create, as HubSpot's does (seconds, undocumented).
     fake = FakeHubSpot(token=HUBSPOT_TOKEN, search_lag=2.0)
     for i in range(PHONE_POOL):
-        contact = fake._new_record("contacts", {"phone": external_number(i)}, [])  # set-up
-        fake.contacts.append(contact)
+        fake.seed_contact({"phone": external_number(i)})
     return fake
 
 
