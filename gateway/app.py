@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from gateway.auth import AuthFailure
+from gateway.durability import DURABILITY_HEADER, DurableStore
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import ProducerOptions, Publisher, PublishFailed
 from gateway.settings import GatewaySettings
@@ -40,11 +41,17 @@ class Lifecycle:
 
 
 PUBLISHER = web.AppKey("publisher", Publisher)
+STORE = web.AppKey("store", DurableStore)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", GatewayMetrics)
 
 
 _ACCEPTED = orjson.dumps({"status": "accepted"})
+# The 200's header saying where the record was durable when it was answered.
+_DURABLE_IN = {
+    "kafka": {DURABILITY_HEADER: "kafka"},
+    "spool": {DURABILITY_HEADER: "spool"},
+}
 
 
 def _json(
@@ -59,11 +66,11 @@ class SmsWebhook:
     """``POST /v1/onoff/sms``: authenticate, check, make durable, then answer."""
 
     def __init__(
-        self, settings: GatewaySettings, metrics: GatewayMetrics, publisher: Publisher
+        self, settings: GatewaySettings, metrics: GatewayMetrics, store: DurableStore
     ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._publisher = publisher
+        self._store = store
         self._checker = SmsEventChecker()
         self._headers = SmsEventHeaders(settings.ce_source)
         self._unavailable = {"Retry-After": str(settings.retry_after_seconds)}
@@ -123,24 +130,21 @@ class SmsWebhook:
         verdict = self._checker.check(raw)
         try:
             if isinstance(verdict, ValidSmsEvent):
-                await self._publisher.publish(
+                durability = await self._store.make_durable(
                     self._settings.topic,
                     verdict.event_id.encode(),
                     raw,
                     self._headers.build(verdict.event_id, verdict.date, received_at, label),
-                    self._settings.publish_timeout_seconds,
                 )
-                self._metrics.count_accepted(label)
-                return web.Response(body=_ACCEPTED, content_type="application/json")
+                self._metrics.count_accepted(label, durability)
+                return web.Response(
+                    body=_ACCEPTED, content_type="application/json", headers=_DURABLE_IN[durability]
+                )
             key, value, headers = quarantine_message(
                 verdict, received_at, label, self._settings.ce_source
             )
-            await self._publisher.publish(
-                self._settings.dlq_topic,
-                key,
-                value,
-                headers,
-                self._settings.publish_timeout_seconds,
+            durability = await self._store.make_durable(
+                self._settings.dlq_topic, key, value, headers
             )
         except PublishFailed as exc:
             if exc.reason == "message_too_large":
@@ -167,7 +171,9 @@ class SmsWebhook:
         if verdict.reason == "schema_violation":
             # Onoff retrying a well-formed object that breaks the schema could never help, and
             # its activation test payload (shape undocumented) must pass: 200, reasons attached.
-            return _json(200, {"status": "quarantined", "problems": problems})
+            return _json(
+                200, {"status": "quarantined", "problems": problems}, _DURABLE_IN[durability]
+            )
         return _json(400, {"error": verdict.reason, "problems": problems})
 
     def _authenticate(self, request: web.Request) -> str | AuthFailure:
@@ -244,16 +250,20 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
 async def _healthz(request: web.Request) -> web.Response:
     # A dead producer supervisor never reconnects nor replaces the producer: only a restart
     # helps, which is what a failing liveness probe gets.
-    if not request.app[PUBLISHER].alive:
-        return _json(503, {"status": "producer_supervisor_stopped"})
+    if not request.app[STORE].alive:
+        return _json(503, {"status": "producer_supervisor_or_replay_stopped"})
     return _json(200, {"status": "alive"})
 
 
 async def _readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         return _json(503, {"status": "draining"})
-    if not request.app[PUBLISHER].ready:
+    store = request.app[STORE]
+    if not store.ready:
+        # Kafka away, and no spool (or a full one): a webhook would get 503.
         return _json(503, {"status": "kafka_unavailable"})
+    if store.spool is not None and not store.kafka_ready:
+        return _json(200, {"status": "ready", "durability": "spool"})
     return _json(200, {"status": "ready"})
 
 
@@ -302,7 +312,18 @@ def build_app(
     )
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[_observe])
     app[METRICS] = metrics
+    store = DurableStore(
+        publisher,
+        metrics,
+        publish_timeout=settings.publish_timeout_seconds,
+        spool_dir=settings.spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
+        spool_after=settings.spool_after_seconds,
+        drain_seconds=settings.spool_drain_seconds,
+        largest_record=settings.max_body_bytes,
+    )
     app[PUBLISHER] = publisher
+    app[STORE] = store
     app[LIFECYCLE] = Lifecycle()
 
     async def metrics_endpoint(_: web.Request) -> web.Response:
@@ -310,15 +331,15 @@ def build_app(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    async def publisher_lifecycle(_: web.Application) -> AsyncIterator[None]:
-        await publisher.start()
+    async def store_lifecycle(_: web.Application) -> AsyncIterator[None]:
+        await store.start()
         yield
-        await publisher.close()
+        await store.close()
 
-    webhook = SmsWebhook(settings, metrics, publisher)
+    webhook = SmsWebhook(settings, metrics, store)
     app.router.add_post(WEBHOOK_PATH, webhook.receive)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.cleanup_ctx.append(publisher_lifecycle)
+    app.cleanup_ctx.append(store_lifecycle)
     return app

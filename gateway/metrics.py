@@ -53,6 +53,15 @@ class GatewayMetrics:
     producer_connected: Gauge
     producer_restarts: Counter
     producer_replacement_seconds: Histogram
+    spool_records: Gauge
+    spool_bytes: Gauge
+    spool_max_bytes: Gauge
+    spool_oldest_age: Gauge
+    spooled_records: Counter
+    replayed_records: Counter
+    spool_failures: Counter
+    spool_commit_duration: Histogram
+    spool_commit_records: Histogram
     # Labelled children by label values: .labels() takes a lock and builds a key on every
     # call, which shows on the request path's profile.
     _children: dict[tuple[Any, ...], Any] = field(default_factory=dict)
@@ -82,11 +91,11 @@ class GatewayMetrics:
             child = self._children[key] = self.publish_duration.labels(topic)
         child.observe(seconds)
 
-    def count_accepted(self, key_label: str) -> None:
-        key = ("accepted", key_label)
+    def count_accepted(self, key_label: str, durability: str) -> None:
+        key = ("accepted", key_label, durability)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.accepted_events.labels(key_label)
+            child = self._children[key] = self.accepted_events.labels(key_label, durability)
         child.inc()
 
     @classmethod
@@ -131,8 +140,9 @@ class GatewayMetrics:
             ),
             accepted_events=Counter(
                 p + "accepted_events",
-                "SMS events acknowledged by Kafka on the events topic, by API key label.",
-                ["key_label"],
+                "SMS events answered 200 on the events topic, by API key label and where they "
+                "were durable then: kafka (acks=all) or spool (fsynced to the local spool).",
+                ["key_label", "durability"],
                 registry=registry,
             ),
             quarantined_events=Counter(
@@ -150,8 +160,8 @@ class GatewayMetrics:
             ),
             publish_failures=Counter(
                 p + "publish_failures",
-                "Records not made durable, by topic and reason (answered 503; "
-                "message_too_large: 413).",
+                "Records Kafka did not acknowledge in time, by topic and reason: answered 503 "
+                "(message_too_large: 413), or spooled when the spool is on; replay tries too.",
                 ["topic", "reason"],
                 registry=registry,
             ),
@@ -170,6 +180,57 @@ class GatewayMetrics:
                 p + "producer_replacement_seconds",
                 "Time from deciding to replace the producer to the new one serving.",
                 buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
+                registry=registry,
+            ),
+            spool_records=Gauge(
+                p + "spool_records",
+                "Records in the spool, waiting for Kafka (0 when the spool is off).",
+                registry=registry,
+            ),
+            spool_bytes=Gauge(
+                p + "spool_bytes",
+                "Bytes of the records in the spool (keys, values, headers).",
+                registry=registry,
+            ),
+            spool_max_bytes=Gauge(
+                p + "spool_max_bytes",
+                "GATEWAY_SPOOL_MAX_BYTES: past it, a webhook Kafka cannot take gets 503.",
+                registry=registry,
+            ),
+            spool_oldest_age=Gauge(
+                p + "spool_oldest_record_age_seconds",
+                "Age of the oldest record in the spool (0 when it is empty).",
+                registry=registry,
+            ),
+            spooled_records=Counter(
+                p + "spooled_records",
+                "Records written to the spool (fsynced), by topic.",
+                ["topic"],
+                registry=registry,
+            ),
+            replayed_records=Counter(
+                p + "replayed_records",
+                "Spooled records acknowledged by Kafka and removed from the spool, by topic.",
+                ["topic"],
+                registry=registry,
+            ),
+            spool_failures=Counter(
+                p + "spool_failures",
+                "Records the spool could not take (answered 503), by reason: full, disk_full, "
+                "io_error, read_only, corrupt, disk_error, closed.",
+                ["reason"],
+                registry=registry,
+            ),
+            spool_commit_duration=Histogram(
+                p + "spool_commit_duration_seconds",
+                "Time of one spool group commit, its fsync included.",
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+                registry=registry,
+            ),
+            spool_commit_records=Histogram(
+                p + "spool_commit_records",
+                "Records per spool group commit (one fsync each).",
+                buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
                 registry=registry,
             ),
         )

@@ -166,7 +166,7 @@ class Publisher:
             # that partition would fail with OutOfOrderSequenceNumber: replace the producer
             # now (the swap leaves no gap) instead of failing innocent events.
             self._replace(producer, "message_too_large")
-            if self._over_topic_limit(topic, key, value, headers):
+            if self.over_topic_limit(topic, key, value, headers):
                 self._fail(topic, "message_too_large")
             # The batch held other records too: alone, in a fresh batch, this one may pass.
             self._fail(topic, "batch_too_large")
@@ -177,7 +177,7 @@ class Publisher:
             self._timeouts_in_a_row = 0
         self._metrics.publish_duration.labels(topic).observe(time.perf_counter() - started)
 
-    def _over_topic_limit(
+    def over_topic_limit(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers
     ) -> bool:
         """The record alone, in a batch of its own, is over the topic's max.message.bytes as

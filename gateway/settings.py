@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.auth import ApiKeys
@@ -25,6 +26,9 @@ RECORD_OVERHEAD_BYTES = 64 * 1024
 # tasks; the bytes bound the bodies held at once to a third of the pod's 384 MiB limit.
 MAX_IN_FLIGHT = 10_000
 IN_FLIGHT_BODY_BUDGET_BYTES = 128 * 1024 * 1024
+# About a million SMS records of ~1 KiB (body and headers): 35 minutes of a Kafka outage at
+# 500 SMS/s. Size it to the outage to ride out, and the volume to it.
+SPOOL_MAX_BYTES = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,11 @@ class GatewaySettings:
     compression_type: str
     kafka: KafkaSettings
     log_level: str
+    # The spool (docs/operations.md, "Durability"): off when spool_dir is None.
+    spool_dir: Path | None = None
+    spool_after_seconds: float = 2.0
+    spool_max_bytes: int = SPOOL_MAX_BYTES
+    spool_drain_seconds: float = 20.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -74,6 +83,7 @@ class GatewaySettings:
         max_body_bytes = s.number(
             env, "GATEWAY_MAX_BODY_BYTES", 64 * 1024, int, minimum=1024, maximum=8 * 1024 * 1024
         )
+        spool_dir = s.text(env, "GATEWAY_SPOOL_DIR", "").strip()
         return cls(
             host=s.text(env, "GATEWAY_HOST", "0.0.0.0"),  # noqa: S104 # a container listens on all interfaces
             port=s.number(env, "GATEWAY_PORT", 8080, int, minimum=1, maximum=65535),
@@ -124,6 +134,30 @@ class GatewaySettings:
             compression_type=s.choice(env, "KAFKA_COMPRESSION_TYPE", "none", COMPRESSION_TYPES),
             kafka=KafkaSettings.from_env(env, client_id="onoff-gateway"),
             log_level=s.log_level(env),
+            spool_dir=Path(spool_dir) if spool_dir else None,
+            # Kafka answers in a few ms when it is well; this long without its ack, the record
+            # goes to the spool instead, well inside Onoff's 10 s.
+            spool_after_seconds=s.number(
+                env,
+                "GATEWAY_SPOOL_AFTER_SECONDS",
+                2.0,
+                float,
+                minimum=0.01,
+                maximum=publish_timeout,
+            ),
+            spool_max_bytes=s.number(
+                env,
+                "GATEWAY_SPOOL_MAX_BYTES",
+                SPOOL_MAX_BYTES,
+                int,
+                minimum=max_body_bytes + RECORD_OVERHEAD_BYTES,
+                maximum=1024**4,
+            ),
+            # At a stop, how long the replay may go on emptying the spool into Kafka. Within
+            # terminationGracePeriodSeconds (deploy/k8s); what is left stays on the volume.
+            spool_drain_seconds=s.number(
+                env, "GATEWAY_SPOOL_DRAIN_SECONDS", 20.0, float, minimum=0, maximum=3600
+            ),
         )
 
     @property
@@ -168,4 +202,8 @@ class GatewaySettings:
             "compression_type": self.compression_type,
             "kafka": self.kafka.describe(),
             "log_level": self.log_level,
+            "spool_dir": str(self.spool_dir) if self.spool_dir else None,
+            "spool_after_seconds": self.spool_after_seconds,
+            "spool_max_bytes": self.spool_max_bytes,
+            "spool_drain_seconds": self.spool_drain_seconds,
         }

@@ -1,0 +1,250 @@
+"""The spool on its own, on real files: what returned from ``append`` is on disk, in order,
+after a crash, a write cut in half, a full disk or a read-only one; nothing else is claimed.
+
+Crashes are real: a child process appends and is SIGKILLed (a closed SQLite connection would
+checkpoint and delete its write-ahead log, hiding exactly what these tests look at). The full
+and read-only disks are a small tmpfs mounted for the test (the suite runs as root, as
+``make test`` installs Debian packages)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.spool import DISK_RESERVE_BYTES, SPOOL_FILE, Spool, SpoolFailed, record_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+header_names = st.text(max_size=20)  # any Unicode but lone surrogates (not UTF-8)
+records = st.tuples(
+    st.sampled_from(["sms-events", "sms-events.dlq"]),
+    st.none() | st.binary(max_size=40),
+    st.binary(max_size=400),
+    st.lists(st.tuples(header_names, st.binary(max_size=40)), max_size=6),
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batch=st.lists(records, min_size=1, max_size=30))
+def test_records_come_back_byte_for_byte_in_order_after_a_reopen(
+    tmp_path: Path, batch: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+) -> None:
+    folder = tmp_path / uuid.uuid4().hex
+
+    async def scenario() -> None:
+        spool = await Spool.open(folder, 10 * 1024 * 1024)
+        await asyncio.gather(*(spool.append(*r) for r in batch))
+        await spool.close()
+        again = await Spool.open(folder, 10 * 1024 * 1024)
+        try:
+            back = await again.oldest(1000)
+            assert [(r.topic, r.key, r.value, r.headers) for r in back] == batch
+            assert again.stats.records == len(batch)
+            assert again.stats.bytes == sum(record_size(k, v, h) for _, k, v, h in batch)
+            await again.remove(back[::2])
+            left = await again.oldest(1000)
+            assert [r.seq for r in left] == [r.seq for r in back[1::2]]
+            assert again.stats.records == len(left)
+            assert again.stats.bytes == sum(record_size(r.key, r.value, r.headers) for r in left)
+        finally:
+            await again.close()
+
+    asyncio.run(scenario())
+
+
+async def test_concurrent_appends_share_fsyncs_and_each_waits_for_its_own(tmp_path: Path) -> None:
+    commits: list[int] = []
+    spool = await Spool.open(tmp_path, 10 * 1024 * 1024, lambda n, _: commits.append(n))
+    try:
+        await asyncio.gather(*(spool.append("t", None, b"x%d" % i, []) for i in range(300)))
+        assert sum(commits) == 300
+        # Group commit: 300 requests arriving together do not cost 300 fsyncs.
+        assert len(commits) < 100, commits
+        assert [r.value for r in await spool.oldest(1000)] == [b"x%d" % i for i in range(300)]
+    finally:
+        await spool.close()
+
+
+async def test_full_spool_refuses_and_keeps_every_record_it_took(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path, 1000)
+    try:
+        taken, refused = 0, []
+        for i in range(30):
+            try:
+                await spool.append("t", b"k", b"v" * 99, [("h", b"%d" % i)])
+                taken += 1
+            except SpoolFailed as exc:
+                refused.append(exc.reason)
+        assert set(refused) == {"full"}
+        assert taken == spool.stats.records == len(await spool.oldest(100))
+        assert spool.stats.bytes <= 1000
+        assert taken > 0
+        await spool.remove(await spool.oldest(2))
+        await spool.append("t", b"k", b"v" * 99, [])  # room again once records left
+    finally:
+        await spool.close()
+
+
+# --- crashes -------------------------------------------------------------------------------
+
+_WRITER = """
+import asyncio, os, sys
+from pathlib import Path
+from gateway.spool import Spool
+
+async def main() -> None:
+    folder = Path(sys.argv[1])
+    spool = await Spool.open(folder, 1 << 30)
+    wal = folder / "spool.db-wal"
+    for i in range(int(sys.argv[2])):
+        await spool.append("sms-events", b"id-%d" % i, b"value-%d" % i, [("ce_id", b"id-%d" % i)])
+        # Printed only after the append returned: the records a 200 was sent for.
+        print(i, wal.stat().st_size, flush=True)
+    await asyncio.sleep(3600)  # killed here: no close, no checkpoint
+
+asyncio.run(main())
+"""
+
+
+def _start_writer(folder: Path, count: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(folder), str(count)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def _acked(process: subprocess.Popen[str], count: int) -> list[tuple[int, int]]:
+    assert process.stdout is not None
+    lines = [tuple(map(int, process.stdout.readline().split())) for _ in range(count)]
+    return [(i, size) for i, size in lines]
+
+
+async def _recovered(folder: Path) -> list[bytes]:
+    spool = await Spool.open(folder, 1 << 30)
+    try:
+        return [r.value for r in await spool.oldest(100_000)]
+    finally:
+        await spool.close()
+
+
+async def test_kill_9_loses_no_record_whose_append_returned(tmp_path: Path) -> None:
+    writer = _start_writer(tmp_path, 100_000)
+    try:
+        acked = await asyncio.to_thread(_acked, writer, 300)
+    finally:
+        _kill(writer)
+    values = await _recovered(tmp_path)
+    assert len(values) >= len(acked)
+    assert values[: len(acked)] == [b"value-%d" % i for i, _ in acked]
+
+
+@pytest.mark.parametrize("cut", ["truncated", "garbage"])
+async def test_a_last_write_cut_in_the_middle_loses_only_that_write(
+    tmp_path: Path, cut: str
+) -> None:
+    """The last transaction's frames cut in half (a crash mid-write): every record before it
+    is recovered, the torn one is not half-read, and the spool takes new records after."""
+    writer = _start_writer(tmp_path, 40)
+    try:
+        acked = await asyncio.to_thread(_acked, writer, 40)
+    finally:
+        _kill(writer)
+    wal = tmp_path / f"{SPOOL_FILE}-wal"
+    before_last, last = acked[-2][1], acked[-1][1]
+    assert wal.stat().st_size == last > before_last
+    middle = before_last + (last - before_last) // 2
+    with wal.open("r+b") as f:
+        if cut == "truncated":
+            f.truncate(middle)
+        else:
+            f.seek(middle)
+            f.write(os.urandom(last - middle))
+    values = await _recovered(tmp_path)
+    assert values == [b"value-%d" % i for i in range(39)]
+    spool = await Spool.open(tmp_path, 1 << 30)
+    try:
+        await spool.append("sms-events", b"k", b"after", [])
+        assert [r.value for r in await spool.oldest(100)][-1] == b"after"
+    finally:
+        await spool.close()
+
+
+# --- disks that fail ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("reserve", [0, DISK_RESERVE_BYTES], ids=["sqlite-enospc", "reserve"])
+async def test_full_disk_answers_disk_full_never_a_false_success_and_drains(
+    tmp_path: Path, reserve: int
+) -> None:
+    """Filled until refused: by SQLite's own ENOSPC (no reserve), or by the free-space
+    reserve. No record refused is kept, none accepted is lost; with the reserve the full
+    spool can still delete what Kafka acknowledged, and then takes records again (without
+    it a delete needs WAL space the disk no longer has: the spool could never drain)."""
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        spool = await Spool.open(disk, 1 << 30, reserve_bytes=reserve)  # the disk fills first
+        returned: list[bytes] = []
+        reasons: set[str] = set()
+        try:
+            for i in range(2000):
+                value = b"%06d" % i + os.urandom(8000)
+                try:
+                    await spool.append("sms-events", None, value, [])
+                except SpoolFailed as exc:
+                    reasons.add(exc.reason)
+                    if i - len(returned) >= 20:  # refused 20 times: the disk stays full
+                        break
+                else:
+                    returned.append(value)
+            assert reasons == {"disk_full"}
+            assert returned, "the disk took nothing at all"
+            if reserve:
+                await spool.remove(await spool.oldest(100_000))
+                assert spool.stats.records == 0
+                await spool.append("sms-events", None, b"after", [])
+                returned = [b"after"]
+        finally:
+            await spool.close()
+        assert await _recovered(disk) == returned  # no refused record is kept either
+
+
+async def test_read_only_volume_stops_the_start_with_its_reason(tmp_path: Path) -> None:
+    """A volume mounted read-only (a remount on open files is refused by the kernel, so this
+    is the case met in practice): the spool does not open, saying why; no gateway runs that
+    would promise what it cannot write."""
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)  # noqa: ASYNC221 # set-up
+        with pytest.raises(SpoolFailed) as failed:
+            await Spool.open(disk, 1 << 30)
+        assert failed.value.reason == "read_only"

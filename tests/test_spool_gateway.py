@@ -1,0 +1,271 @@
+"""The gateway with its spool, against a real broker of its own: Kafka away or frozen, the
+gateway SIGKILLed while spooling, a full disk. Each 200 says where the record was durable;
+every 200'd id reaches the topic, in order, with its headers plus ``ce_spooledtime``.
+
+The gateway runs as its own process (``python -m gateway``) so it can be SIGKILLed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from onoff_events.kafka import KafkaSettings, ensure_topics
+from tests.conftest import TEST_KEY, Topics, gateway_env
+from tests.kafka_reader import read_records
+from tests.payloads import sms_body
+from tests.services import LocalKafka, free_port, free_port_pair
+from tests.test_spool import small_tmpfs
+
+pytestmark = pytest.mark.broker_outage
+ROOT = Path(__file__).resolve().parent.parent
+TOPICS = Topics("sms-events", "sms-events.dlq")
+
+
+class GatewayProcess:
+    """``python -m gateway`` on a free port, its output in a file."""
+
+    def __init__(self, env: Mapping[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._env = {
+            **os.environ,
+            **env,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.port),
+        }
+        self._log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        with self._log.open("ab") as out:
+            self.process = subprocess.Popen(  # noqa: ASYNC220 # returns at once
+                [sys.executable, "-m", "gateway"], cwd=ROOT, env=self._env, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(self.url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        pytest.fail(f"the gateway did not start: {self._log.read_text()[-2000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=60)
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, str, bytes]:
+    async with http.post(
+        url + "/v1/onoff/sms", data=body, headers={"Authorization": f"x-api-key {TEST_KEY}"}
+    ) as response:
+        return (
+            response.status,
+            response.headers.get("Onoff-Events-Durability", ""),
+            await response.read(),
+        )
+
+
+async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with http.get(url + "/metrics") as response:
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+async def spool_drained(http: aiohttp.ClientSession, url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while await metric(http, url, "onoff_gateway_spool_records"):
+        assert time.monotonic() < deadline, f"the spool did not drain within {seconds} s"
+        await asyncio.sleep(0.25)
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[LocalKafka]:
+    kafka = LocalKafka(tmp_path / "kafka", free_port_pair())  # not started
+    try:
+        yield kafka
+    finally:
+        await asyncio.to_thread(kafka.stop)
+
+
+async def start_broker(kafka: LocalKafka) -> None:
+    await asyncio.to_thread(kafka.start)
+    # One partition: the order of the topic is the order of the answers.
+    await ensure_topics(
+        KafkaSettings(bootstrap_servers=kafka.bootstrap), {TOPICS.events: 1, TOPICS.dlq: 1}
+    )
+
+
+def spool_env(kafka: LocalKafka, spool: Path, **extra: str) -> dict[str, str]:
+    return gateway_env(
+        kafka.bootstrap,
+        TOPICS,
+        GATEWAY_SPOOL_DIR=str(spool),
+        GATEWAY_SPOOL_AFTER_SECONDS="1",
+        **extra,
+    )
+
+
+async def test_spooled_while_kafka_is_away_survives_kill_9_and_reaches_kafka_in_order(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    env = spool_env(broker, tmp_path / "spool")
+    bodies = [sms_body(body=f"message {i}") for i in range(60)]
+    ids = [orjson.loads(b)["id"] for b in bodies]
+    async with aiohttp.ClientSession() as http:
+        first = GatewayProcess(env, tmp_path / "gateway-1.log")
+        await first.start(http)
+        try:
+            async with http.get(first.url + "/readyz") as ready:
+                # No Kafka, but the spool has room: a webhook gets its 200, so stay in service.
+                assert (ready.status, await ready.json()) == (
+                    200,
+                    {"status": "ready", "durability": "spool"},
+                )
+            answers = [await post(http, first.url, b) for b in bodies[:40]]
+            assert {(status, where) for status, where, _ in answers} == {(200, "spool")}
+            assert await metric(http, first.url, "onoff_gateway_spool_records") == 40
+            assert (
+                await metric(
+                    http, first.url, 'onoff_gateway_accepted_events_total{durability="spool"'
+                )
+                == 40
+            )
+        finally:
+            first.kill(signal.SIGKILL)  # no drain, no close: what a crash leaves
+
+        second = GatewayProcess(env, tmp_path / "gateway-2.log")
+        await second.start(http)
+        try:
+            # The killed gateway's records are still there, and new ones join them.
+            assert await metric(http, second.url, "onoff_gateway_spool_records") == 40
+            answers = [await post(http, second.url, b) for b in bodies[40:]]
+            assert {(status, where) for status, where, _ in answers} == {(200, "spool")}
+
+            await start_broker(broker)
+
+            await spool_drained(http, second.url)
+            assert await metric(http, second.url, "onoff_gateway_replayed_records_total") == 60
+
+            status, where, _ = await post(http, second.url, sms_body())
+            assert (status, where) == (200, "kafka")  # Kafka is back: straight to it
+        finally:
+            second.kill(signal.SIGTERM)
+
+    records = await read_records(broker.bootstrap, TOPICS.events, seconds=30)
+    assert [r.key.decode() for r in records[:60]] == ids  # every one, oldest first, once
+    for record, body in zip(records, bodies, strict=False):
+        headers = dict(record.headers)
+        assert record.value == body
+        assert headers["ce_id"] == record.key
+        assert headers["ce_type"] == b"com.onoff.business.sms.v1"
+        assert headers["ce_spooledtime"] >= headers["ce_receivedtime"]
+    assert "ce_spooledtime" not in dict(records[60].headers)
+
+
+async def test_frozen_broker_spools_after_the_deadline_then_replays(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """Kafka connected but not answering (SIGSTOP): each webhook waits
+    GATEWAY_SPOOL_AFTER_SECONDS, is spooled and answered, far inside Onoff's 10 s."""
+    await start_broker(broker)
+    env = spool_env(broker, tmp_path / "spool")
+    async with aiohttp.ClientSession() as http:
+        gateway = GatewayProcess(env, tmp_path / "gateway.log")
+        await gateway.start(http)
+        try:
+            await wait_until_ready(http, gateway.url)
+            status, where, _ = await post(http, gateway.url, sms_body())
+            assert (status, where) == (200, "kafka")
+            pid = int((broker.folder / "kafka.pid").read_text())
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                bodies = [sms_body() for _ in range(5)]
+                started = time.monotonic()
+                answers = await asyncio.gather(*(post(http, gateway.url, b) for b in bodies))
+                took = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert {(s, w) for s, w, _ in answers} == {(200, "spool")}
+            assert took < 5.0
+            await spool_drained(http, gateway.url)
+        finally:
+            gateway.kill(signal.SIGTERM)
+    records = await read_records(broker.bootstrap, TOPICS.events, seconds=30)
+    keys = {r.key for r in records}
+    # Each spooled record is in the topic; the producer may have written its own copy too.
+    assert {orjson.loads(b)["id"].encode() for b in bodies} <= keys
+
+
+async def wait_until_ready(http: aiohttp.ClientSession, url: str) -> None:
+    async def kafka_ready() -> bool:
+        async with http.get(url + "/readyz") as response:
+            return response.status == 200 and "durability" not in await response.json()
+
+    deadline = time.monotonic() + 60
+    while not await kafka_ready():
+        assert time.monotonic() < deadline, "the gateway never reached Kafka"
+        await asyncio.sleep(0.2)
+
+
+async def test_full_disk_answers_503_and_every_200_reaches_kafka(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """A spool volume that fills up: 200 (spooled, fsynced) until it is full, then 503 with
+    the reason; never a 200 for a record that is not on the disk."""
+    # 4 MiB, of which the spool leaves 2 MiB free (its reserve, so a full spool can delete).
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        env = spool_env(broker, disk)
+        async with aiohttp.ClientSession() as http:
+            gateway = GatewayProcess(env, tmp_path / "gateway.log")
+            await gateway.start(http)
+            accepted: list[str] = []
+            refused: list[bytes] = []
+            try:
+                for _ in range(400):
+                    body = sms_body(body="x" * 8000)
+                    status, where, answer = await post(http, gateway.url, body)
+                    if status == 200:
+                        assert where == "spool"
+                        accepted.append(orjson.loads(body)["id"])
+                    else:
+                        assert status == 503
+                        refused.append(answer)
+                        if len(refused) >= 10:
+                            break
+                assert accepted
+                assert refused
+                assert {orjson.loads(a)["detail"] for a in refused} == {
+                    "not made durable: spool_disk_full"
+                }
+                assert (
+                    await metric(
+                        http, gateway.url, 'onoff_gateway_spool_failures_total{reason="disk_full"}'
+                    )
+                    >= 10
+                )
+                await start_broker(broker)
+                await spool_drained(http, gateway.url)
+                # Emptied, the disk takes records again.
+                status, _, _ = await post(http, gateway.url, sms_body())
+                assert status == 200
+            finally:
+                gateway.kill(signal.SIGTERM)
+    records = await read_records(broker.bootstrap, TOPICS.events, seconds=30)
+    assert set(accepted) <= {r.key.decode() for r in records}
