@@ -36,6 +36,9 @@ if [ -z "${GATEWAY_API_KEYS:-}" ]; then
   export GATEWAY_API_KEYS="dev:$(cat .data/dev-api-key)"
 fi
 export GATEWAY_PORT=${GATEWAY_PORT:-8080}
+# The spool: a webhook Kafka cannot take within 2 s is fsynced here and answered 200, then
+# replayed into Kafka (README, "Durability"). GATEWAY_SPOOL_DIR= (empty) turns it off.
+export GATEWAY_SPOOL_DIR=${GATEWAY_SPOOL_DIR-.data/spool}
 key=${GATEWAY_API_KEYS#*:}; key=${key%%,*}
 
 cat >&2 <<MSG

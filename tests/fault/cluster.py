@@ -151,6 +151,9 @@ class Cluster:
     # With ``proxied``, the gateways reach the broker, and the consumers reach PostgreSQL and
     # Redis, through toxiproxy (proxies "kafka", "postgres", "redis") so the wire can be hurt.
     proxied: bool = False
+    # Each gateway spools to a folder of its own (a StatefulSet pod's volume), as `make run`
+    # does; False: Kafka-only mode (GATEWAY_SPOOL_DIR unset).
+    spool: bool = True
     toxiproxy: Toxiproxy | None = None
     kafka: LocalKafka = field(init=False)
     postgres: ScriptService = field(init=False)
@@ -283,7 +286,9 @@ severity = "warning"
     # -- services ---------------------------------------------------------------------------
 
     def gateway_env(self, port: int) -> dict[str, str]:
+        spool = {"GATEWAY_SPOOL_DIR": str(self.folder / f"spool-{port}")} if self.spool else {}
         return {
+            **spool,
             "GATEWAY_API_KEYS": f"onoff:{API_KEY}",
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(port),

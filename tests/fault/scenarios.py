@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.fault.checker import check, install_attempt_counters
-from tests.fault.cluster import API_KEY, Cluster
+from tests.fault.cluster import API_KEY, Cluster, metric_sum
 from tests.fault.sender import OnoffSender, SenderConfig
 from tests.fault.toxiproxy import Toxiproxy
 
@@ -82,6 +82,9 @@ class Scenario:
     drain_seconds: float = 120  # how long the consumers may take to catch up afterwards
     proxied: bool = False  # the wire between services goes through toxiproxy
     quick: bool = False  # part of the subset `make test` runs
+    spool: bool = True  # the gateways spool (GATEWAY_SPOOL_DIR), as `make run` runs them
+    # A property: no SMS given up by the sender (every one got a 200 in Onoff's retries).
+    all_accepted: bool = False
 
 
 # -- the faults ------------------------------------------------------------------------------
@@ -370,14 +373,46 @@ SCENARIOS: list[Scenario] = [
         broker_killed(10, 15),
         seconds=45,
         quick=True,
+        all_accepted=True,
     ),
     Scenario(
         "broker-kill-60s",
         "Broker SIGKILLed, down 60 s (longer than Onoff's retry window)",
         broker_killed(10, 60),
         seconds=85,
+        all_accepted=True,
     ),
-    Scenario("broker-freeze-20s", "Broker frozen (SIGSTOP) 20 s", broker_frozen(10, 20)),
+    Scenario(
+        "broker-kill-60s-no-spool",
+        "Broker SIGKILLed, down 60 s, Kafka-only mode (GATEWAY_SPOOL_DIR unset)",
+        broker_killed(10, 60),
+        seconds=85,
+        spool=False,
+    ),
+    Scenario(
+        "broker-kill-120s",
+        "Broker SIGKILLed, down 120 s",
+        broker_killed(10, 120),
+        seconds=150,
+        drain_seconds=180,
+        all_accepted=True,
+    ),
+    Scenario(
+        "broker-kill-65s-400",
+        "Broker SIGKILLed, down 65 s, at 400 SMS/s for 75 s (the durability issue's run)",
+        broker_killed(5, 65),
+        rate=400,
+        seconds=75,
+        sinks=("warehouse",),
+        drain_seconds=180,
+        all_accepted=True,
+    ),
+    Scenario(
+        "broker-freeze-20s",
+        "Broker frozen (SIGSTOP) 20 s",
+        broker_frozen(10, 20),
+        all_accepted=True,
+    ),
     Scenario(
         "consumer-kill",
         "Consumers: 3 members a group, stores 50 ms away, SIGKILLed at random points, one added",
@@ -520,9 +555,35 @@ def _recovery(run: Run, per_second: dict[int, dict[str, int]]) -> float | None:
     return None
 
 
+async def _spooled_left(cluster: Cluster) -> float:
+    """Records still in the running gateways' spools (a stopped one's stay on its disk)."""
+    left = 0.0
+    for gateway in cluster.gateways:
+        if gateway.running():
+            left += metric_sum(await gateway.metrics(), "onoff_gateway_spool_records")
+    return left
+
+
+async def _spool_figures(cluster: Cluster) -> dict[str, float]:
+    totals = {"spooled": 0.0, "replayed": 0.0, "left": 0.0, "failures": 0.0}
+    for gateway in cluster.gateways:
+        if gateway.running():
+            values = await gateway.metrics()
+            totals["spooled"] += metric_sum(values, "onoff_gateway_spooled_records_total")
+            totals["replayed"] += metric_sum(values, "onoff_gateway_replayed_records_total")
+            totals["left"] += metric_sum(values, "onoff_gateway_spool_records")
+            totals["failures"] += metric_sum(values, "onoff_gateway_spool_failures_total")
+    return totals
+
+
 async def _wait_drained(run: Run, seconds: float) -> bool:
-    """True once every sink group has committed up to the end of the topic."""
+    """True once the gateways' spools are empty and every sink group has committed up to
+    the end of the topic."""
     deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not await _spooled_left(run.cluster):
+            break
+        await asyncio.sleep(1)
     while time.monotonic() < deadline:
         samples = [s[-1][1] for s in run.lag.values() if s]
         if len(samples) == len(run.cluster.sinks) and all(v == 0 for v in samples):
@@ -537,7 +598,12 @@ async def run_scenario(
     scenario: Scenario, folder: Path, *, scale: float = 1.0, keep_logs: Path | None = None
 ) -> dict[str, Any]:
     """Run one scenario in a fresh cluster under ``folder``; returns its result as JSON."""
-    cluster = Cluster(folder / scenario.name, sinks=scenario.sinks, proxied=scenario.proxied)
+    cluster = Cluster(
+        folder / scenario.name,
+        sinks=scenario.sinks,
+        proxied=scenario.proxied,
+        spool=scenario.spool,
+    )
     result: dict[str, Any] = {
         "name": scenario.name,
         "title": scenario.title,
@@ -581,6 +647,8 @@ async def run_scenario(
         verdict = await check(cluster, sent)
         figures = verdict.figures
         figures["consumer_counters"] = await _consumer_counters(cluster)
+        if scenario.spool:
+            figures["spool"] = await _spool_figures(cluster)
         per_second = {s: dict(c) for s, c in sent.per_second.items()}
         fault_start = min((float(w[0]) for w in run.fault_windows), default=None)
         fault_end = max((float(w[1]) for w in run.fault_windows), default=None)
@@ -602,6 +670,15 @@ async def run_scenario(
                 f"{scenario.drain_seconds:g} s of the load's end",
             }
         )
+        if scenario.all_accepted:
+            properties.append(
+                {
+                    "name": "every SMS accepted",
+                    "ok": not sent.gave_up,
+                    "detail": f"{len(sent.gave_up)} of {len(sent.sent_ids)} SMS given up by the "
+                    f"sender after Onoff's 5 tries; 200s by durability {dict(sent.durability)}",
+                }
+            )
         if scenario.gateways > 1:
             cut = sent.disconnects_mid_request
             codes = run.extra_figures.get("gateway_exit_codes", [])

@@ -84,6 +84,7 @@ class SendResult:
     gave_up: set[str] = field(default_factory=set)  # ids whose every try and copy failed
     alert_ids: set[str] = field(default_factory=set)  # ids whose body the alerts rule matches
     answers: Counter[str] = field(default_factory=Counter)  # "200", "503", "timeout", …
+    durability: Counter[str] = field(default_factory=Counter)  # 200s by where: kafka, spool
     per_second: defaultdict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     in_flight: list[tuple[float, int]] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (answered at, seconds)
@@ -105,6 +106,7 @@ class SendResult:
             "acknowledged": len(self.acknowledged),
             "gave_up": len(self.gave_up),
             "answers": dict(self.answers),
+            "durability": dict(self.durability),
             "disconnects_mid_request": self.disconnects_mid_request,
             "duration_seconds": round(self.duration, 2),
         }
@@ -211,6 +213,9 @@ class OnoffSender:
             async with http.post(url, data=body, headers=headers) as response:
                 await response.read()
                 outcome = str(response.status)
+                if response.status == 200:
+                    where = response.headers.get("Onoff-Events-Durability", "unsaid")
+                    self.result.durability[where] += 1
             self.result.latencies.append((self.now(), time.monotonic() - sent_at))
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
             if isinstance(error, aiohttp.ClientConnectorError):
