@@ -707,6 +707,12 @@ async def run_scenario(
                 "answers": {
                     s: [per_second.get(i, {}).get(s, 0) for i in range(last + 1)] for s in statuses
                 },
+                "durability": {
+                    where: [
+                        sent.durability_per_second.get(i, Counter())[where] for i in range(last + 1)
+                    ]
+                    for where in sorted(sent.durability)
+                },
                 "in_flight": [[round(t, 2), n] for t, n in sent.in_flight],
                 "lag": run.lag,
                 "fault_windows": run.fault_windows,

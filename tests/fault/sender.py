@@ -85,6 +85,9 @@ class SendResult:
     alert_ids: set[str] = field(default_factory=set)  # ids whose body the alerts rule matches
     answers: Counter[str] = field(default_factory=Counter)  # "200", "503", "timeout", …
     durability: Counter[str] = field(default_factory=Counter)  # 200s by where: kafka, spool
+    durability_per_second: defaultdict[int, Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
     per_second: defaultdict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     in_flight: list[tuple[float, int]] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (answered at, seconds)
@@ -216,6 +219,7 @@ class OnoffSender:
                 if response.status == 200:
                     where = response.headers.get("Onoff-Events-Durability", "unsaid")
                     self.result.durability[where] += 1
+                    self.result.durability_per_second[int(self.now())][where] += 1
             self.result.latencies.append((self.now(), time.monotonic() - sent_at))
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
             if isinstance(error, aiohttp.ClientConnectorError):
