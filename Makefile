@@ -76,10 +76,12 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP) kafka-fetch services-install
 	@scripts/bench-tools.sh
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.spool
 
 bench-quick: $(BENCH_STAMP) kafka-fetch services-install
 	@scripts/bench-tools.sh
 	$(BIN)/python -m bench.run --quick
+	$(BIN)/python -m bench.spool --quick
 
 kafka-start: kafka-fetch
 	@scripts/kafka.sh start

@@ -4,9 +4,10 @@ Every kustomize overlay is rendered with the pinned kustomize; core kinds are va
 strictly with kubernetes-validate, Strimzi and Prometheus Operator resources against the CRD
 schemas kept in deploy/crds/; the alert rules go through ``promtool check`` and ``promtool
 test``; every metric an alert or the dashboard queries must be one the services export on a
-real /metrics scrape, and every exported metric must be documented. The Deployments' settings
-are parsed by the services' own settings code, and the Kafka topics, users and ACLs are
-checked against the topics and consumer groups those settings name.
+real /metrics scrape, and every exported metric must be documented. The workloads' settings
+(the Deployments, and the gateway's StatefulSet where its spool is on) are parsed by the
+services' own settings code, and the Kafka topics, users and ACLs are checked against the
+topics and consumer groups those settings name.
 
 The tools come from ``scripts/deploy-check.sh tools`` (``make test`` runs it first).
 """
@@ -48,6 +49,15 @@ from tests.services import free_port
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
+# Kinds that run the services' pods.
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+GATEWAY = "onoff-gateway"
+# The gateway's kind in each overlay: a StatefulSet with a spool volume per pod where the
+# overlay includes components/gateway-spool, else a Deployment in Kafka-only mode.
+GATEWAY_KIND = {"dev": "Deployment", "prod": "StatefulSet"}
+# The label each controller gives its pods per revision (topologySpreadConstraints'
+# matchLabelKeys): a StatefulSet's pods have no pod-template-hash.
+REVISION_LABEL = {"Deployment": "pod-template-hash", "StatefulSet": "controller-revision-hash"}
 CRD_DIR = ROOT / "deploy" / "crds"
 RULES = K8S / "base" / "monitoring" / "prometheusrule.yaml"
 RULE_TESTS = K8S / "base" / "monitoring" / "tests"
@@ -103,6 +113,12 @@ def rendered(kustomize: str) -> dict[str, list[dict[str, Any]]]:
     return {name: _build(kustomize, K8S / "overlays" / name) for name in OVERLAYS}
 
 
+@pytest.fixture(scope="module")
+def base(kustomize: str) -> list[dict[str, Any]]:
+    """deploy/k8s/base on its own: the gateway's Deployment as written, before overlays."""
+    return _build(kustomize, K8S / "base")
+
+
 def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
@@ -111,6 +127,21 @@ def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     found = [d for d in _of_kind(docs, kind) if d["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
     return found[0]
+
+
+def _workload_docs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Deployments and StatefulSets."""
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def _gateway(docs: list[dict[str, Any]], overlay: str) -> dict[str, Any]:
+    """The gateway's workload, of the kind the overlay should give it (and only that one)."""
+    for kind in WORKLOAD_KINDS:
+        if kind != GATEWAY_KIND[overlay]:
+            assert not [d for d in _of_kind(docs, kind) if d["metadata"]["name"] == GATEWAY], (
+                f"{overlay}: a {kind} {GATEWAY} besides the {GATEWAY_KIND[overlay]}"
+            )
+    return _named(docs, GATEWAY_KIND[overlay], GATEWAY)
 
 
 def _load_yaml_docs(path: Path) -> list[dict[str, Any]]:
@@ -327,12 +358,25 @@ def test_compose_file_passes_the_compose_clients_own_check() -> None:
 
 @dataclass
 class Workload:
-    """One Deployment's container, with the environment it would get in the cluster."""
+    """One Deployment's or StatefulSet's container, with the environment it would get in the
+    cluster (``cluster_env``) and that environment with its mounted paths moved to local
+    folders (``env``), for starting the service here."""
 
     name: str
-    deployment: dict[str, Any]
+    manifest: dict[str, Any]
     container: dict[str, Any]
     env: dict[str, str]
+    cluster_env: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        kind: str = self.manifest["kind"]
+        return kind
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        pod: dict[str, Any] = self.manifest["spec"]["template"]["spec"]
+        return pod
 
     @property
     def command(self) -> list[str]:
@@ -353,13 +397,16 @@ def _secret_values(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 
 
 def _workloads(docs: list[dict[str, Any]], files: Path) -> list[Workload]:
-    """Every Deployment's environment: env, envFrom and mounted ConfigMap files (written to
-    ``files``, the paths in the environment rewritten to them)."""
+    """Every Deployment's and StatefulSet's environment: env, envFrom, mounted ConfigMap files
+    (written to ``files``) and volume claims (an empty folder under ``files``), the paths in
+    the environment rewritten to those folders."""
     config_maps = {c["metadata"]["name"]: c.get("data", {}) for c in _of_kind(docs, "ConfigMap")}
     secrets = _secret_values(docs)
     result = []
-    for deployment in _of_kind(docs, "Deployment"):
-        pod = deployment["spec"]["template"]["spec"]
+    for workload in _workload_docs(docs):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])}
         (container,) = pod["containers"]
         env: dict[str, str] = {}
         for source in container.get("envFrom", []):
@@ -374,40 +421,47 @@ def _workloads(docs: list[dict[str, Any]], files: Path) -> list[Workload]:
             ref = var["valueFrom"]["secretKeyRef"]
             value = secrets.get(ref["name"], {}).get(ref["key"])
             assert value is not None or ref.get("optional"), (
-                f"{deployment['metadata']['name']}: {var['name']} reads Secret {ref['name']} "
+                f"{name}: {var['name']} reads Secret {ref['name']} "
                 f"key {ref['key']}, which neither the overlay nor {SECRETS_TEMPLATE.name} has"
             )
             if value is not None:
                 env[var["name"]] = value
+        cluster_env = dict(env)
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for mount in container.get("volumeMounts", []):
-            config_map = volumes[mount["name"]].get("configMap")
-            if config_map is None:
+            if mount["name"] in claims:
+                folder = files / name / mount["name"]  # the pod's own claim: empty at first
+                folder.mkdir(parents=True)
+            elif "configMap" in volumes[mount["name"]]:
+                folder = files / name / mount["name"]
+                folder.mkdir(parents=True)
+                for key, text in config_maps[volumes[mount["name"]]["configMap"]["name"]].items():
+                    (folder / key).write_text(text)
+            else:
                 continue
-            folder = files / deployment["metadata"]["name"] / mount["name"]
-            folder.mkdir(parents=True)
-            for key, text in config_maps[config_map["name"]].items():
-                (folder / key).write_text(text)
             env = {k: v.replace(mount["mountPath"], str(folder)) for k, v in env.items()}
-        result.append(Workload(deployment["metadata"]["name"], deployment, container, env))
+        result.append(Workload(name, workload, container, env, cluster_env))
     return result
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-async def test_every_deployment_starts_with_its_rendered_settings(
+async def test_every_workload_starts_with_its_rendered_settings(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
 ) -> None:
-    """The services' own settings code accepts the environment each Deployment gets
-    (ConfigMaps, Secrets, mounted rules), and its sink and dedupe store build from it."""
+    """The services' own settings code accepts the environment each Deployment or
+    StatefulSet gets (ConfigMaps, Secrets, mounted rules, the spool's volume), and its sink
+    and dedupe store build from it."""
     workloads = _workloads(rendered[overlay], tmp_path)
     assert sorted(w.command[0] for w in workloads) == ["onoff-consumer"] * len(SINKS) + [
         "onoff-gateway"
     ]
     for workload in workloads:
         if workload.command == ["onoff-gateway"]:
+            assert workload.kind == GATEWAY_KIND[overlay]
             gateway = GatewaySettings.from_env(workload.env)
             assert gateway.port == workload.container["ports"][0]["containerPort"]
             continue
+        assert workload.kind == "Deployment", f"{workload.name}: consumers keep no state"
         sink_name = workload.command[1]
         settings = ConsumerSettings.from_env(sink_name, workload.env)
         assert settings.port == workload.container["ports"][0]["containerPort"]
@@ -417,6 +471,118 @@ async def test_every_deployment_starts_with_its_rendered_settings(
         )
         await sink.close()
         await dedupe.close()
+
+
+def _quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity (2Gi, 500M, 1073741824) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    units |= {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    match = re.fullmatch(r"(\d+)([KMGT]i|[kMGT])?", quantity)
+    assert match, f"unexpected quantity {quantity}"
+    return int(match.group(1)) * units.get(match.group(2) or "", 1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_spools_on_a_claim_of_its_own_only_as_a_statefulset(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path
+) -> None:
+    """Prod: the gateway is a StatefulSet whose volumeClaimTemplate (one claim per pod, kept
+    on scale-down and delete, at least 1.5 times GATEWAY_SPOOL_MAX_BYTES) is mounted,
+    writable, where GATEWAY_SPOOL_DIR points. Dev: a Deployment in Kafka-only mode, no spool
+    and no claim. Either way GatewaySettings.from_env reads the environment the pod gets."""
+    docs = rendered[overlay]
+    manifest = _gateway(docs, overlay)
+    (gateway,) = [w for w in _workloads(docs, tmp_path) if w.name == GATEWAY]
+    settings = GatewaySettings.from_env(gateway.cluster_env)
+    spec = manifest["spec"]
+    if GATEWAY_KIND[overlay] == "Deployment":
+        assert settings.spool_dir is None, f"{overlay}: a spool needs a volume per pod"
+        assert not any("persistentVolumeClaim" in v for v in gateway.pod.get("volumes", []))
+        return
+    assert settings.spool_dir is not None, f"{overlay}: the StatefulSet's spool is off"
+    claims = {c["metadata"]["name"]: c for c in spec["volumeClaimTemplates"]}
+    mounts = [
+        m for m in gateway.container["volumeMounts"] if Path(m["mountPath"]) == settings.spool_dir
+    ]
+    assert len(mounts) == 1, f"nothing (or more than one volume) at {settings.spool_dir}"
+    (mount,) = mounts
+    # A claim template gives each pod its own volume; a pod volume naming one claim would be
+    # shared by every replica (the spool file takes one writer).
+    assert mount["name"] in claims, f"{settings.spool_dir} is not on a volumeClaimTemplate"
+    assert mount["name"] not in {v["name"] for v in gateway.pod.get("volumes", [])}
+    assert not mount.get("readOnly"), "the spool writes there"
+    assert gateway.container["securityContext"]["readOnlyRootFilesystem"] is True
+    security = gateway.pod["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"], "the volume must be writable"
+    claim = claims[mount["name"]]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"]
+    size = _quantity_bytes(claim["resources"]["requests"]["storage"])
+    assert size >= 1.5 * settings.spool_max_bytes, (
+        f"a {size} B volume for GATEWAY_SPOOL_MAX_BYTES={settings.spool_max_bytes}: "
+        "SQLite's pages, the WAL and the free reserve need 1.5 × (docs/operations.md)"
+    )
+    # Records still spooled on a claim are replayed when its ordinal runs again.
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenScaled": "Retain",
+        "whenDeleted": "Retain",
+    }
+    assert _named(docs, "Service", spec["serviceName"])
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["minReadySeconds"] >= 5
+
+
+def _without_spool(workload: dict[str, Any], claims: set[str]) -> dict[str, Any]:
+    """The gateway's workload less what components/gateway-spool may change: the kind and
+    its rollout fields, the claims and their mounts, GATEWAY_SPOOL_DIR, the grace period and
+    the revision label of matchLabelKeys; less the image too (the overlays set it)."""
+    kept = copy.deepcopy(workload)
+    kept.pop("kind")
+    kept["metadata"].pop("namespace", None)
+    for field in (
+        "strategy",
+        "updateStrategy",
+        "serviceName",
+        "podManagementPolicy",
+        "persistentVolumeClaimRetentionPolicy",
+        "volumeClaimTemplates",
+    ):
+        kept["spec"].pop(field, None)
+    pod = kept["spec"]["template"]["spec"]
+    pod.pop("terminationGracePeriodSeconds")
+    for constraint in pod.get("topologySpreadConstraints", []):
+        constraint.pop("matchLabelKeys")
+    for container in pod["containers"]:
+        container.pop("image")
+        container["env"] = [v for v in container["env"] if v["name"] != "GATEWAY_SPOOL_DIR"]
+        container["volumeMounts"] = [
+            m for m in container["volumeMounts"] if m["name"] not in claims
+        ]
+    return kept
+
+
+def test_gateway_statefulset_is_the_deployment_plus_the_spool(
+    rendered: dict[str, list[dict[str, Any]]], base: list[dict[str, Any]]
+) -> None:
+    """components/gateway-spool turns base/gateway's Deployment into the StatefulSet: its
+    pod template (containers, probes, settings, security, preStop, resources, spread) stays
+    the Deployment's, apart from the spool itself, so the two cannot drift apart."""
+    deployment = _named(base, "Deployment", GATEWAY)
+    assert "GATEWAY_SPOOL_DIR" not in {
+        v["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for v in c["env"]
+    }, "base/gateway is Kafka-only mode"
+    for overlay, kind in GATEWAY_KIND.items():
+        if kind != "StatefulSet":
+            continue
+        statefulset = _gateway(rendered[overlay], overlay)
+        claims = {c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]}
+        assert _without_spool(statefulset, claims) == _without_spool(deployment, set()), (
+            f"{overlay}: the gateway's StatefulSet differs from base/gateway's Deployment "
+            "beyond the spool"
+        )
+        pods = [w["spec"]["template"]["spec"] for w in (deployment, statefulset)]
+        graces = [p["terminationGracePeriodSeconds"] for p in pods]
+        assert graces[1] >= graces[0], f"{overlay}: the spool's drain shortens the grace period"
 
 
 def test_alert_rules_config_map_loads_with_the_consumers_parser(
@@ -439,16 +605,22 @@ def test_gateway_grace_period_covers_prestop_drain_and_shutdown(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     """SIGTERM comes after the preStop sleep; the gateway then drains and finishes within
-    twice GATEWAY_SHUTDOWN_TIMEOUT_SECONDS: all of it must end before the kubelet's SIGKILL."""
+    twice GATEWAY_SHUTDOWN_TIMEOUT_SECONDS, plus GATEWAY_SPOOL_DRAIN_SECONDS for the replay
+    to empty the spool when it is on: all of it must end before the kubelet's SIGKILL."""
+    spooled = set()
     for overlay, docs in rendered.items():
-        (gateway,) = [w for w in _workloads(docs, tmp_path / overlay) if "gateway" in w.name]
-        settings = GatewaySettings.from_env(gateway.env)
+        (gateway,) = [w for w in _workloads(docs, tmp_path / overlay) if w.name == GATEWAY]
+        settings = GatewaySettings.from_env(gateway.cluster_env)
         pre_stop = gateway.container["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"
         budget = float(pre_stop[1]) + settings.drain_seconds + 2 * settings.shutdown_timeout_seconds
-        grace = gateway.deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert budget < grace, f"gateway needs {budget} s, the grace period is {grace} s"
+        if settings.spool_dir is not None:
+            budget += settings.spool_drain_seconds
+            spooled.add(overlay)
+        grace = gateway.pod["terminationGracePeriodSeconds"]
+        assert budget < grace, f"{overlay}: gateway needs {budget} s, the grace period is {grace} s"
         assert settings.drain_seconds > 0, "keep serving a moment after SIGTERM"
+    assert spooled == {o for o, kind in GATEWAY_KIND.items() if kind == "StatefulSet"}
 
 
 def test_consumer_grace_period_covers_the_batch_drain(
@@ -461,7 +633,7 @@ def test_consumer_grace_period_covers_the_batch_drain(
             if consumer.command[0] != "onoff-consumer":
                 continue
             settings = ConsumerSettings.from_env(consumer.command[1], consumer.env)
-            grace = consumer.deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            grace = consumer.pod["terminationGracePeriodSeconds"]
             assert settings.shutdown_timeout_seconds + 20 <= grace, consumer.name
 
 
@@ -471,11 +643,14 @@ def test_consumer_grace_period_covers_the_batch_drain(
 def test_every_workload_is_hardened_and_probed(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Non-root, read-only root filesystem, no capabilities, RuntimeDefault seccomp, requests
     and limits, /healthz liveness and /readyz readiness, a pinned image, and `args` (never
-    `command`) so the image's tini entrypoint stays PID 1."""
+    `command`) so the image's tini entrypoint stays PID 1. Rollouts: a Deployment starts a
+    new pod before stopping an old one; a StatefulSet rolls every pod (no partition left
+    behind). Topology spread counts the pods of one revision, by the label the workload's
+    controller sets."""
     for docs in rendered.values():
-        for deployment in _of_kind(docs, "Deployment"):
-            name = deployment["metadata"]["name"]
-            pod = deployment["spec"]["template"]["spec"]
+        for workload in _workload_docs(docs):
+            name = workload["metadata"]["name"]
+            pod = workload["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True, name
             assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
             assert pod["automountServiceAccountToken"] is False, name
@@ -492,21 +667,43 @@ def test_every_workload_is_hardened_and_probed(rendered: dict[str, list[dict[str
                 image = container["image"]
                 assert ":" in image.rsplit("/", 1)[-1], f"{name}: untagged image {image}"
                 assert not image.endswith(":latest"), name
-            strategy = deployment["spec"]["strategy"]["rollingUpdate"]
-            assert strategy["maxUnavailable"] == 0, name
+            if workload["kind"] == "Deployment":
+                strategy = workload["spec"]["strategy"]["rollingUpdate"]
+                assert strategy["maxUnavailable"] == 0, name
+            else:
+                strategy = workload["spec"]["updateStrategy"]
+                assert strategy["type"] == "RollingUpdate", name
+                assert strategy.get("rollingUpdate", {}).get("partition", 0) == 0, name
+            for constraint in pod.get("topologySpreadConstraints", []):
+                assert constraint["matchLabelKeys"] == [REVISION_LABEL[workload["kind"]]], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_hpa_scales_the_gateway_workload(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """The HPA targets the gateway by the kind it has in the overlay (a StatefulSet where
+    the spool is on), and the workload leaves its replica count to the HPA."""
+    docs = rendered[overlay]
+    gateway = _gateway(docs, overlay)
+    hpa = _named(docs, "HorizontalPodAutoscaler", GATEWAY)
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": gateway["apiVersion"],
+        "kind": gateway["kind"],
+        "name": gateway["metadata"]["name"],
+    }
+    assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replicas"
 
 
 def test_gateway_is_highly_available_in_prod(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Prod: at least 2 gateways (the HPA owns the count), spread over zones and nodes, a PDB,
     an Ingress with TLS publishing the webhook path only."""
     docs = rendered["prod"]
-    deployment = _named(docs, "Deployment", "onoff-gateway")
-    assert "replicas" not in deployment["spec"], "the HPA owns the gateway's replicas"
-    hpa = _named(docs, "HorizontalPodAutoscaler", "onoff-gateway")
+    gateway = _gateway(docs, "prod")
+    hpa = _named(docs, "HorizontalPodAutoscaler", GATEWAY)
     assert hpa["spec"]["minReplicas"] >= 2
     keys = {
-        c["topologyKey"]
-        for c in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        c["topologyKey"] for c in gateway["spec"]["template"]["spec"]["topologySpreadConstraints"]
     }
     assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
     assert _named(docs, "PodDisruptionBudget", "onoff-gateway")["spec"]["maxUnavailable"] == 1
@@ -549,7 +746,7 @@ def test_topics_users_and_acls_match_what_the_services_use(
             else:
                 consumer = ConsumerSettings.from_env(w.command[1], w.env)
                 writes, reads, group = {consumer.dlq_topic}, {consumer.topic}, consumer.group_id
-                assert w.deployment["spec"]["replicas"] <= _partitions(docs, consumer.topic), (
+                assert w.manifest["spec"]["replicas"] <= _partitions(docs, consumer.topic), (
                     f"{overlay}: {w.name} has more replicas than {consumer.topic} partitions"
                 )
             expected[user] = {
@@ -585,13 +782,14 @@ def test_prod_topics_are_durable(rendered: dict[str, list[dict[str, Any]]]) -> N
 def test_every_workload_has_a_pdb_a_network_policy_and_a_service_monitor(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
-    """Each Deployment is covered by a PodDisruptionBudget, a NetworkPolicy restricting both
-    directions (with DNS egress), and a ServiceMonitor scraping its Service's metrics port."""
+    """Each Deployment and StatefulSet is covered by a PodDisruptionBudget, a NetworkPolicy
+    restricting both directions (with DNS egress), and a ServiceMonitor scraping its
+    Service's metrics port."""
     for docs in rendered.values():
         services = _of_kind(docs, "Service")
-        for deployment in _of_kind(docs, "Deployment"):
-            name = deployment["metadata"]["name"]
-            labels = deployment["spec"]["template"]["metadata"]["labels"]
+        for workload in _workload_docs(docs):
+            name = workload["metadata"]["name"]
+            labels = workload["spec"]["template"]["metadata"]["labels"]
 
             def selects(selector: dict[str, Any], labels: dict[str, str] = labels) -> bool:
                 return selector.get("matchLabels", {}).items() <= labels.items()
@@ -639,8 +837,8 @@ def test_prod_reads_only_secrets_the_template_documents(
         for key in s["stringData"]
     }
     documented |= {(u["metadata"]["name"], "password") for u in _of_kind(docs, "KafkaUser")}
-    for deployment in _of_kind(docs, "Deployment"):
-        for container in deployment["spec"]["template"]["spec"]["containers"]:
+    for workload in _workload_docs(docs):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
             for var in container.get("env", []):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
