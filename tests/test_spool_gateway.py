@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -61,10 +62,10 @@ class GatewayProcess:
             await asyncio.sleep(0.1)
         pytest.fail(f"the gateway did not start: {self._log.read_text()[-2000:]}")
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.process is not None
         self.process.send_signal(sig)
-        self.process.wait(timeout=60)
+        return self.process.wait(timeout=60)
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, str, bytes]:
@@ -269,3 +270,34 @@ async def test_full_disk_answers_503_and_every_200_reaches_kafka(
                 gateway.kill(signal.SIGTERM)
     records = await read_records(broker.bootstrap, TOPICS.events, seconds=30)
     assert set(accepted) <= {r.key.decode() for r in records}
+
+
+async def test_sigterm_while_kafka_is_away_stops_within_its_bounds_and_keeps_the_spool(
+    broker: LocalKafka, tmp_path: Path
+) -> None:
+    """A stop cannot wait for Kafka forever: the replay gets GATEWAY_SPOOL_DRAIN_SECONDS, then
+    the gateway exits 0 and leaves the records on the volume (for the next start, tested
+    above), saying how many."""
+    spool = tmp_path / "spool"
+    env = spool_env(
+        broker, spool, GATEWAY_SPOOL_DRAIN_SECONDS="2", GATEWAY_SHUTDOWN_TIMEOUT_SECONDS="2"
+    )
+    log = tmp_path / "gateway.log"
+    async with aiohttp.ClientSession() as http:
+        gateway = GatewayProcess(env, log)
+        await gateway.start(http)
+        answers = [await post(http, gateway.url, sms_body()) for _ in range(10)]
+        assert {(status, where) for status, where, _ in answers} == {(200, "spool")}
+        started = time.monotonic()
+        code = await asyncio.to_thread(gateway.kill, signal.SIGTERM)
+        took = time.monotonic() - started
+    assert code == 0
+    assert took < 12, f"the stop took {took:.1f} s"
+    with contextlib.closing(sqlite3.connect(spool / "spool.db")) as db:
+        assert db.execute("SELECT COUNT(*) FROM spool").fetchone() == (10,)
+    closed = [
+        orjson.loads(line)
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and '"spool_closed"' in line
+    ]
+    assert [c["records_left"] for c in closed] == [10]
