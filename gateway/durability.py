@@ -82,7 +82,8 @@ class DurableStore:
         largest record we take."""
         if self._publisher.ready:
             return True
-        return self._spool is not None and self._spool.has_room(self._largest_record)
+        spool = self._spool
+        return spool is not None and spool.has_room(self._largest_record) and not spool.failing
 
     @property
     def alive(self) -> bool:
@@ -117,6 +118,7 @@ class DurableStore:
         await self._publisher.start()
         if self._spool is not None:
             self._replay = asyncio.create_task(self._replay_forever(), name="spool-replay")
+            self._replay.add_done_callback(_report_replay_end)
 
     def _observe_commit(self, records: int, seconds: float) -> None:
         self._metrics.spool_commit_duration.observe(seconds)
@@ -143,7 +145,7 @@ class DurableStore:
             raise PublishFailed("message_too_large")
         try:
             spooled = [*headers, (SPOOLED_TIME, rfc3339_now().encode())]
-            await spool.append(topic, key, value, spooled)
+            await spool.append(topic, key, value, spooled, self._publish_timeout)
         except SpoolFailed as exc:
             self._metrics.spool_failures.labels(exc.reason).inc()
             raise PublishFailed(f"spool_{exc.reason}") from exc
@@ -214,7 +216,9 @@ class DurableStore:
             else:
                 for record in acked:
                     self._metrics.replayed_records.labels(record.topic).inc()
-                complete = len(acked) == len(batch)
+                # Back off only when nothing went: a record Kafka refuses (its size over a
+                # topic limit lowered since) must not slow the records behind it.
+                complete = bool(acked)
             if not complete:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_REPLAY_BACKOFF_SECONDS)
@@ -248,11 +252,18 @@ class DurableStore:
             log_event(log, "spool_replay_failed", logging.WARNING, reason=reason)
 
 
+def _report_replay_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # /healthz turns 503 (``alive``): the pod restarts and the replay starts again.
+        log_event(log, "spool_replay_died", logging.CRITICAL, error_type=type(exc).__name__)
+
+
 def _age(spooled_at: float | None) -> float:
     return max(time.time() - spooled_at, 0.0) if spooled_at is not None else 0.0
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel and await ``task``; an error it had already died of was logged then."""
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await task

@@ -40,6 +40,8 @@ log = logging.getLogger("gateway.spool")
 T = TypeVar("T")
 
 SPOOL_FILE = "spool.db"
+FAILING_SECONDS = 30.0  # how long a failed write keeps the spool out of readiness
+READ_BATCH_BYTES = 16 * 1024 * 1024  # the most a replay round reads into memory
 DISK_RESERVE_BYTES = 2 * 1024 * 1024
 REMOVE_CHUNK_BYTES = 256 * 1024  # records deleted per transaction: bounds its WAL growth
 WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024  # the WAL is cut back to this after a checkpoint
@@ -166,6 +168,7 @@ class Spool:
         self._queued_bytes = 0  # the event loop's: appends not committed yet
         self._closed = False
         self._refusal_logged = 0.0
+        self._failed_at: float | None = None  # monotonic time of the last failed write
         # Set whenever records are committed: the replay waits on it while the spool is empty.
         self.appended = asyncio.Event()
 
@@ -196,8 +199,25 @@ class Spool:
         """Whether a record of ``size`` bytes fits now (counting appends not yet committed)."""
         return self._stats.bytes + self._queued_bytes + size <= self.max_bytes
 
-    async def append(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
-        """Return once the record is committed and fsynced; else raise SpoolFailed."""
+    @property
+    def failing(self) -> bool:
+        """A write failed (full disk, I/O error, read-only volume) less than FAILING_SECONDS
+        ago and none succeeded since: readiness counts on Kafka alone meanwhile. Past that
+        the spool is tried again (a freed disk, a remounted volume)."""
+        failed_at = self._failed_at
+        return failed_at is not None and time.monotonic() - failed_at < FAILING_SECONDS
+
+    async def append(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers,
+        within: float = 10.0,
+    ) -> None:
+        """Return once the record is committed and fsynced; else raise SpoolFailed, at the
+        latest after ``within`` seconds (a stalled disk must not hold the webhook past
+        Onoff's patience: the record may still be committed later, and be sent twice)."""
         if self._closed:
             raise SpoolFailed("closed")
         size = record_size(key, value, headers)
@@ -208,8 +228,12 @@ class Spool:
         self._queued_bytes += size
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_queued(), name="spool-writer")
-        # Shielded: a client that hangs up must not cancel the commit of its batch-mates.
-        await asyncio.shield(done)
+        try:
+            # Shielded: a client that hangs up must not cancel the commit of its batch-mates.
+            async with asyncio.timeout(within):
+                await asyncio.shield(done)
+        except TimeoutError:
+            raise SpoolFailed("timeout") from None
 
     async def oldest(self, limit: int) -> list[SpooledRecord]:
         """Up to ``limit`` records, oldest first."""
@@ -222,21 +246,42 @@ class Spool:
             sizes = [record_size(r.key, r.value, r.headers) for r in records]
             await self._call(self._remove_sync, seqs, sizes)
 
-    async def close(self) -> None:
-        """Commit what is queued, then close the file."""
+    async def close(self, within: float = 10.0) -> None:
+        """Commit what is queued (within a bound: a stalled disk must not hold the stop),
+        then close the file."""
         self._closed = True
         if self._writer is not None:
-            await self._writer
-        with contextlib.suppress(sqlite3.Error):
-            await self._call(self._close_sync)
-        self._thread.shutdown(wait=True)
+            await asyncio.wait([self._writer], timeout=within)
+        try:
+            async with asyncio.timeout(within):
+                await self._call(self._close_sync)
+        except (sqlite3.Error, OSError, TimeoutError) as exc:
+            log_event(log, "spool_close_failed", logging.ERROR, error=type(exc).__name__)
+        self._thread.shutdown(wait=False)
 
     # --- the writer -----------------------------------------------------------------------
 
     async def _write_queued(self) -> None:
-        """Commit everything queued, in groups, until the queue is empty."""
+        """Commit everything queued, in groups, until the queue is empty. Whatever ends it,
+        no append is left waiting: an unexpected error fails the group and the queue."""
+        group: list[_Append] = []
+        try:
+            await self._write_groups(group)
+        except BaseException as exc:
+            log_event(log, "spool_writer_failed", logging.ERROR, error=type(exc).__name__)
+            self._failed_at = time.monotonic()
+            left, self._queue = [*group, *self._queue], []
+            self._queued_bytes = 0  # everything queued is failed here
+            for append in left:
+                if not append.done.done():
+                    append.done.set_exception(SpoolFailed("disk_error"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _write_groups(self, group: list[_Append]) -> None:
+        """The writer's loop; ``group`` holds the group being written (for _write_queued)."""
         while self._queue:
-            group, self._queue = self._queue, []
+            group[:], self._queue = self._queue, []
             group_bytes = sum(a.size for a in group)
             started = time.perf_counter()
             try:
@@ -254,6 +299,7 @@ class Spool:
             finally:
                 self._queued_bytes -= group_bytes
             seconds = time.perf_counter() - started
+            self._failed_at = None
             if self._on_commit is not None:
                 self._on_commit(len(group), seconds)
             self.appended.set()
@@ -262,7 +308,7 @@ class Spool:
                     append.done.set_result(None)
 
     def _refuse(self, group: list[_Append], reason: str, **detail: object) -> None:
-        now = time.monotonic()
+        now = self._failed_at = time.monotonic()
         if now - self._refusal_logged >= 5.0:  # one line per 5 s; the metric counts each
             self._refusal_logged = now
             log_event(
@@ -281,7 +327,7 @@ class Spool:
         try:
             await self._call(self._close_sync)
             await self._call(self._open_sync)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             # The next append tries again; until the disk is back every one gets a 503.
             log_event(log, "spool_reopen_failed", logging.ERROR, error=type(exc).__name__)
 
@@ -295,7 +341,8 @@ class Spool:
         if os.statvfs(self.path.parent).f_flag & os.ST_RDONLY:
             # SQLite would only say "unable to open database file".
             raise OSError(errno.EROFS, "the spool's volume is mounted read-only")
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # A short busy timeout: the only other user is an operator reading the file by hand.
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=1)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # FULL: the WAL is fsynced at every commit, so a commit that returned survives a
@@ -323,6 +370,10 @@ class Spool:
         # Each record costs about twice its size before a checkpoint (WAL frame, then page).
         needed = 2 * sum(a.size for a in group) + self.reserve_bytes
         if _free_bytes(self.path.parent) < needed:
+            # The WAL may hold the space: copied into the file's free pages, it is given back
+            # (on a volume nearly full, before every group: slower, never wrong).
+            self._checkpoint(db)
+        if self._room(db) < needed:
             raise _NoRoomOnDisk
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
@@ -345,14 +396,32 @@ class Spool:
         )
 
     def _oldest_sync(self, limit: int) -> list[SpooledRecord]:
+        """Up to ``limit`` records and about READ_BATCH_BYTES, oldest first (at least one)."""
         rows = self._connection().execute(
             "SELECT seq, topic, key, value, headers, spooled_at FROM spool ORDER BY seq LIMIT ?",
             (limit,),
         )
-        return [
-            SpooledRecord(seq, topic, key, value, decode_headers(headers), spooled_at)
-            for seq, topic, key, value, headers, spooled_at in rows
-        ]
+        records: list[SpooledRecord] = []
+        read = 0
+        for seq, topic, key, value, headers, spooled_at in rows:
+            records.append(
+                SpooledRecord(seq, topic, key, value, self._headers_of(seq, headers), spooled_at)
+            )
+            read += len(value) + len(key or b"")
+            if read >= READ_BATCH_BYTES:
+                break
+        return records
+
+    def _headers_of(self, seq: int, text: str) -> Headers:
+        """A row's headers; a row edited by hand into something unreadable is still sent
+        (its key and value are what matter), without headers, and said so."""
+        try:
+            return decode_headers(text)
+        except (ValueError, TypeError) as exc:  # orjson and base64 errors are ValueErrors
+            log_event(
+                log, "spool_headers_unreadable", logging.ERROR, seq=seq, error=type(exc).__name__
+            )
+            return []
 
     def _remove_sync(self, seqs: list[int], sizes: list[int]) -> None:
         """Delete ``seqs`` in transactions of about REMOVE_CHUNK_BYTES, so that on a nearly
@@ -369,8 +438,7 @@ class Spool:
             self._remove_chunk(db, seqs[start:end])
             start = end
             if _free_bytes(self.path.parent) < 2 * self.reserve_bytes:
-                # Give the deleted pages back: copy the WAL into the file and cut it to zero.
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._checkpoint(db)
 
     def _remove_chunk(self, db: sqlite3.Connection, seqs: list[int]) -> None:
         """One transaction: delete ``seqs`` (at most 500, by primary key: no scan of a large
@@ -393,6 +461,20 @@ class Spool:
         self._stats = SpoolStats(
             before.records - int(count), before.bytes - int(size), row[0] if row else None
         )
+
+    def _room(self, db: sqlite3.Connection) -> int:
+        """Free bytes on the volume plus the free pages inside the file (SQLite reuses them
+        but never shrinks the file: a spool emptied after filling its disk has its room
+        there, not on the volume)."""
+        (free_pages,) = db.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        return _free_bytes(self.path.parent) + int(free_pages) * int(page_size)
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        """Copy the WAL into the file and cut it to zero, giving its space back. Only an
+        optimisation: a reader in the way (an operator's sqlite3) or a full disk leaves it."""
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _close_sync(self) -> None:
         db, self._db = self._db, None
