@@ -15,6 +15,8 @@ from tests.fault.report import (
     END_MARKER,
     START_MARKER,
     Chart,
+    Timeline,
+    draw_timeline,
     main,
     render_markdown,
     replace_between_markers,
@@ -226,6 +228,22 @@ def test_partial_series_still_draw(tmp_path: Path) -> None:
     document = (tmp_path / "reliability.md").read_text(encoding="utf-8")
     assert "![PostgreSQL restarted](reliability/postgres-restart.png)" in document
     assert _table_rows(document)[1][1] == "**FAIL** (crashed)"
+
+
+def test_spool_depth_is_parsed_and_drawn_beside_the_lag(tmp_path: Path) -> None:
+    timeline = Timeline.parse(
+        {
+            "seconds": [0, 1, 2],
+            "answers": {"200": [5, 5, 5]},
+            "lag": {"warehouse": [[0, 0], [1, 3], [2, 0]]},
+            "spool": [[0, 0], [1, 40], [2, 12], ["bad"]],
+        }
+    )
+    assert timeline.spool == ([0.0, 1.0, 2.0], [0.0, 40.0, 12.0])
+    assert not Timeline.parse({"spool": [[0, 7]]}).empty  # a spool alone is worth a chart
+    path = tmp_path / "spool.png"
+    draw_timeline("Broker down", timeline, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_without_matplotlib_the_markdown_is_still_written(

@@ -1,9 +1,10 @@
 """``python -m tests.fault.report [JSON] [--docs DOCS]``: a fault run's JSON → docs/reliability.md.
 
 Writes one timeline PNG per scenario (``DOCS/reliability/<name>.png``: answers per second by
-status, requests in flight, consumer lag per sink, fault windows shaded) and replaces the text
-between the two markers of ``DOCS/reliability.md`` with the run's table and one section per
-scenario. Text outside the markers is never touched; the file is created if missing.
+status, requests in flight, consumer lag per sink and the gateways' spool, fault windows
+shaded) and replaces the text between the two markers of ``DOCS/reliability.md`` with the
+run's table and one section per scenario. Text outside the markers is never touched; the
+file is created if missing.
 
 matplotlib is imported only to draw (``pip install -e '.[test]'``): without it the markdown is
 still written and says the charts were not drawn. The JSON defaults to
@@ -125,6 +126,7 @@ class Timeline:
     answers: dict[str, list[float]] = field(default_factory=dict)  # same length as seconds
     in_flight: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
     lag: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    spool: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
     windows: list[tuple[float, float | None, str]] = field(default_factory=list)
 
     @classmethod
@@ -156,12 +158,13 @@ class Timeline:
             answers=answers,
             in_flight=_points(raw.get("in_flight")),
             lag={sink: points for sink, points in lag.items() if points[0]},
+            spool=_points(raw.get("spool")),
             windows=windows,
         )
 
     @property
     def empty(self) -> bool:
-        return not (self.answers or self.in_flight[0] or self.lag)
+        return not (self.answers or self.in_flight[0] or self.lag or self.spool[0])
 
     def x_range(self) -> tuple[float, float]:
         xs = list(self.seconds) + self.in_flight[0]
@@ -224,16 +227,24 @@ def draw_timeline(title: str, timeline: Timeline, path: Path) -> None:
 
     for sink, (ts, vs) in sorted(timeline.lag.items()):
         lag_ax.plot(ts, vs, color=sink_colour(sink), lw=1.4, label=sink)
-    if timeline.lag:
+    if any(timeline.spool[1]):
+        lag_ax.plot(*timeline.spool, color="#555555", lw=1.4, ls="--", label="gateway spool")
+    if timeline.lag or any(timeline.spool[1]):
         lag_ax.legend(loc="upper right", fontsize=8)
-    lag_ax.set_ylabel("consumer lag (records)")
+    lag_ax.set_ylabel("records waiting")
     lag_ax.set_xlabel("seconds since the load started")
 
     # The highest value of each panel, or None when it has nothing to show.
     panels = (
         (answers_ax, max(map(sum, zip(*timeline.answers.values(), strict=True)), default=None)),
         (in_flight_ax, max(timeline.in_flight[1], default=None)),
-        (lag_ax, max((v for _, vs in timeline.lag.values() for v in vs), default=None)),
+        (
+            lag_ax,
+            max(
+                (v for _, vs in [*timeline.lag.values(), timeline.spool] for v in vs),
+                default=None,
+            ),
+        ),
     )
     for ax, top in panels:
         ax.yaxis.set_major_locator(MaxNLocator("auto", integer=True, steps=[1, 2, 5, 10]))
