@@ -11,8 +11,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 
 from onoff_events.kafka import KafkaSettings, ensure_topics
 from tests.conftest import TEST_KEY, Topics, gateway_env
+from tests.fault.cluster import ServiceProcess, metric_sum
 from tests.kafka_reader import read_records
 from tests.payloads import sms_body
 from tests.services import LocalKafka, free_port, free_port_pair
@@ -33,39 +32,26 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPICS = Topics("sms-events", "sms-events.dlq")
 
 
-class GatewayProcess:
-    """``python -m gateway`` on a free port, its output in a file."""
+class GatewayProcess(ServiceProcess):
+    """``python -m gateway`` on a free port (the fault suite's process wrapper)."""
 
     def __init__(self, env: Mapping[str, str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._env = {
-            **os.environ,
-            **env,
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(self.port),
-        }
-        self._log = log
-        self.process: subprocess.Popen[bytes] | None = None
+        port = free_port()
+        listen = {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port)}
+        super().__init__(log.stem, ["-m", "gateway"], {**env, **listen}, port, log)
+        self.url = f"http://127.0.0.1:{port}"
 
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        with self._log.open("ab") as out:
-            self.process = subprocess.Popen(  # noqa: ASYNC220 # returns at once
-                [sys.executable, "-m", "gateway"], cwd=ROOT, env=self._env, stdout=out, stderr=out
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(self.url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        pytest.fail(f"the gateway did not start: {self._log.read_text()[-2000:]}")
+    async def start_alive(self) -> None:
+        self.start()
+        await self.wait_ready(30, "/healthz")  # alive; ready may wait for Kafka or not at all
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.process is not None
         self.process.send_signal(sig)
         return self.process.wait(timeout=60)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        return metric_sum(await self.metrics(), name, **labels)
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, str, bytes]:
@@ -79,19 +65,9 @@ async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int,
         )
 
 
-async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with http.get(url + "/metrics") as response:
-        text = await response.text()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
-
-
-async def spool_drained(http: aiohttp.ClientSession, url: str, seconds: float = 60) -> None:
+async def spool_drained(gateway: GatewayProcess, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
-    while await metric(http, url, "onoff_gateway_spool_records"):
+    while await gateway.metric("onoff_gateway_spool_records"):
         assert time.monotonic() < deadline, f"the spool did not drain within {seconds} s"
         await asyncio.sleep(0.25)
 
@@ -131,7 +107,7 @@ async def test_spooled_while_kafka_is_away_survives_kill_9_and_reaches_kafka_in_
     ids = [orjson.loads(b)["id"] for b in bodies]
     async with aiohttp.ClientSession() as http:
         first = GatewayProcess(env, tmp_path / "gateway-1.log")
-        await first.start(http)
+        await first.start_alive()
         try:
             async with http.get(first.url + "/readyz") as ready:
                 # No Kafka, but the spool has room: a webhook gets its 200, so stay in service.
@@ -141,28 +117,24 @@ async def test_spooled_while_kafka_is_away_survives_kill_9_and_reaches_kafka_in_
                 )
             answers = [await post(http, first.url, b) for b in bodies[:40]]
             assert {(status, where) for status, where, _ in answers} == {(200, "spool")}
-            assert await metric(http, first.url, "onoff_gateway_spool_records") == 40
-            assert (
-                await metric(
-                    http, first.url, 'onoff_gateway_accepted_events_total{durability="spool"'
-                )
-                == 40
-            )
+            assert await first.metric("onoff_gateway_spool_records") == 40
+            accepted = await first.metric("onoff_gateway_accepted_events_total", durability="spool")
+            assert accepted == 40
         finally:
             first.kill(signal.SIGKILL)  # no drain, no close: what a crash leaves
 
         second = GatewayProcess(env, tmp_path / "gateway-2.log")
-        await second.start(http)
+        await second.start_alive()
         try:
             # The killed gateway's records are still there, and new ones join them.
-            assert await metric(http, second.url, "onoff_gateway_spool_records") == 40
+            assert await second.metric("onoff_gateway_spool_records") == 40
             answers = [await post(http, second.url, b) for b in bodies[40:]]
             assert {(status, where) for status, where, _ in answers} == {(200, "spool")}
 
             await start_broker(broker)
 
-            await spool_drained(http, second.url)
-            assert await metric(http, second.url, "onoff_gateway_replayed_records_total") == 60
+            await spool_drained(second)
+            assert await second.metric("onoff_gateway_replayed_records_total") == 60
 
             status, where, _ = await post(http, second.url, sms_body())
             assert (status, where) == (200, "kafka")  # Kafka is back: straight to it
@@ -189,7 +161,7 @@ async def test_frozen_broker_spools_after_the_deadline_then_replays(
     env = spool_env(broker, tmp_path / "spool")
     async with aiohttp.ClientSession() as http:
         gateway = GatewayProcess(env, tmp_path / "gateway.log")
-        await gateway.start(http)
+        await gateway.start_alive()
         try:
             await wait_until_ready(http, gateway.url)
             status, where, _ = await post(http, gateway.url, sms_body())
@@ -205,7 +177,7 @@ async def test_frozen_broker_spools_after_the_deadline_then_replays(
                 os.kill(pid, signal.SIGCONT)
             assert {(s, w) for s, w, _ in answers} == {(200, "spool")}
             assert took < 5.0
-            await spool_drained(http, gateway.url)
+            await spool_drained(gateway)
         finally:
             gateway.kill(signal.SIGTERM)
     records = await read_records(broker.bootstrap, TOPICS.events, seconds=30)
@@ -235,7 +207,7 @@ async def test_full_disk_answers_503_and_every_200_reaches_kafka(
         env = spool_env(broker, disk)
         async with aiohttp.ClientSession() as http:
             gateway = GatewayProcess(env, tmp_path / "gateway.log")
-            await gateway.start(http)
+            await gateway.start_alive()
             accepted: list[str] = []
             refused: list[bytes] = []
             try:
@@ -255,14 +227,12 @@ async def test_full_disk_answers_503_and_every_200_reaches_kafka(
                 assert {orjson.loads(a)["detail"] for a in refused} == {
                     "not made durable: spool_disk_full"
                 }
-                assert (
-                    await metric(
-                        http, gateway.url, 'onoff_gateway_spool_failures_total{reason="disk_full"}'
-                    )
-                    >= 10
+                full = await gateway.metric(
+                    "onoff_gateway_spool_failures_total", reason="disk_full"
                 )
+                assert full >= 10
                 await start_broker(broker)
-                await spool_drained(http, gateway.url)
+                await spool_drained(gateway)
                 # Emptied, the disk takes records again.
                 status, _, _ = await post(http, gateway.url, sms_body())
                 assert status == 200
@@ -285,7 +255,7 @@ async def test_sigterm_while_kafka_is_away_stops_within_its_bounds_and_keeps_the
     log = tmp_path / "gateway.log"
     async with aiohttp.ClientSession() as http:
         gateway = GatewayProcess(env, log)
-        await gateway.start(http)
+        await gateway.start_alive()
         answers = [await post(http, gateway.url, sms_body()) for _ in range(10)]
         assert {(status, where) for status, where, _ in answers} == {(200, "spool")}
         started = time.monotonic()
