@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from consumers.blocking import run_serialised
+from onoff_events.sqlite import transaction
 
 T = TypeVar("T")
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
@@ -339,15 +340,8 @@ class SqliteDedupe:
                 [(i, f"{self._owner}|%") for i in ids],
             )
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return transaction(self._db)
 
 
 def _chunks(ids: list[str], size: int = 500) -> list[list[str]]:

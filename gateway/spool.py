@@ -35,6 +35,7 @@ import orjson
 
 from onoff_events.cloudevents import Headers
 from onoff_events.logs import log_event
+from onoff_events.sqlite import transaction
 
 log = logging.getLogger("gateway.spool")
 T = TypeVar("T")
@@ -376,18 +377,12 @@ class Spool:
         if self._room(db) < needed:
             raise _NoRoomOnDisk
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             db.executemany(
                 "INSERT INTO spool (topic, key, value, headers, size, spooled_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [(a.topic, a.key, a.value, encode_headers(a.headers), a.size, now) for a in group],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
         before = self._stats
         self._stats = SpoolStats(
             before.records + len(group),
@@ -444,19 +439,13 @@ class Spool:
         """One transaction: delete ``seqs`` (at most 500, by primary key: no scan of a large
         spool) and count what went."""
         marks = ",".join("?" * len(seqs))
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(db):
             count, size = db.execute(
                 f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool WHERE seq IN ({marks})",  # noqa: S608 # placeholders only
                 seqs,
             ).fetchone()
             db.execute(f"DELETE FROM spool WHERE seq IN ({marks})", seqs)  # noqa: S608
             row = db.execute("SELECT spooled_at FROM spool ORDER BY seq LIMIT 1").fetchone()
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
         before = self._stats
         self._stats = SpoolStats(
             before.records - int(count), before.bytes - int(size), row[0] if row else None
