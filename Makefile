@@ -77,11 +77,13 @@ bench: $(BENCH_STAMP) kafka-fetch services-install
 	@scripts/bench-tools.sh
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.spool
+	$(BIN)/python -m bench.crm
 
 bench-quick: $(BENCH_STAMP) kafka-fetch services-install
 	@scripts/bench-tools.sh
 	$(BIN)/python -m bench.run --quick
 	$(BIN)/python -m bench.spool --quick
+	$(BIN)/python -m bench.crm --quick
 
 kafka-start: kafka-fetch
 	@scripts/kafka.sh start

@@ -15,7 +15,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiolimiter import AsyncLimiter
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from consumers.phones import phone_region, to_e164
 from consumers.records import SmsRecord
 from consumers.sinks import Delivery, SinkConfigError, TransientSinkError
-from consumers.sinks.http import AuthRejected, JsonApi, RequestRejected, TargetMetrics, json_field
+from consumers.sinks.http import AuthRejected, JsonApi, RequestRejected, TargetMetrics
 from onoff_events import settings as s
 
 log = logging.getLogger("consumers.crm")
@@ -34,6 +34,11 @@ SEARCH_PAGE = 100  # values per IN filter and results per page
 # that may have succeeded (timeout, 5xx), wait this long before checking and retrying.
 DEFAULT_CREATE_RETRY_SECONDS = 30.0
 BATCH_SECONDS = 20.0  # a batch's budget at the configured pace
+BATCH_INPUTS = 100  # inputs per batch create, HubSpot's limit
+# Requests per 100 events at most: the already-logged search, four contact searches (25 numbers
+# each), one batch create of contacts, one of communications.
+REQUESTS_PER_100_EVENTS = 7
+T = TypeVar("T")
 
 
 class CrmSink:
@@ -58,9 +63,10 @@ class CrmSink:
         # every third of it), so whatever that member created is searchable first.
         self.takeover_settle_seconds = create_retry_seconds * 1.5
         # No batch may outlive the group's rebalance timeout: at most ~20 s of requests at our
-        # pace, counting up to three requests per event (contact search share, contact
-        # create, communication create).
-        self.max_batch_events = max(1, int(requests_per_10s / 10 * BATCH_SECONDS / 3))
+        # pace, counting REQUESTS_PER_100_EVENTS (90 requests per 10 s: 2,571 events; capped
+        # at 1,000, which HubSpot's 4 searches a second take 12.5 s to look up).
+        per_batch = requests_per_10s / 10 * BATCH_SECONDS / REQUESTS_PER_100_EVENTS * 100
+        self.max_batch_events = max(1, min(1000, int(per_batch)))
         self._base = base_url.rstrip("/")
         self._create_missing = create_missing_contacts
         self._region = default_region
@@ -94,6 +100,10 @@ class CrmSink:
         await self._api.close()
 
     async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+        """A batch in a fixed number of requests per 100 events: one search for the ids
+        already logged, the contact searches (25 numbers each, cached), one batch create of
+        the missing contacts, one batch create of the communications. An input HubSpot
+        refuses goes to the DLQ with its reason; its batch-mates are logged."""
         pending = [e for e in events if e.event_id not in self._logged]
         already = await self._already_logged([e.event_id for e in pending])
         pending = [e for e in pending if e.event_id not in already]
@@ -101,37 +111,158 @@ class CrmSink:
         cached_before = set(self._contact_cache)
         contacts = await self._find_contacts({n for n in numbers.values() if n is not None})
         rejected: dict[str, str] = {}
+        if self._create_missing:
+            rejected = await self._add_missing_contacts(pending, numbers, contacts)
+        to_log: list[tuple[SmsRecord, str]] = []
         for event in pending:
             number = numbers[event.event_id]
+            if event.event_id in rejected:
+                continue
             if number is None:
                 self._contacts_seen.labels(self.name, "unparseable_number").inc()
-                continue
-            contact = contacts.get(number)
-            if contact is None and self._create_missing:
-                try:
-                    contact = await self._create_contact(event, number)
-                except RequestRejected as exc:  # e.g. an e-mail HubSpot will not store
-                    rejected[event.event_id] = f"contact: {exc}"
-                    continue
-                contacts[number] = self._contact_cache[number] = contact
-                self._contacts_seen.labels(self.name, "created").inc()
-            elif contact is None:
+            elif number not in contacts:
                 self._contacts_seen.labels(self.name, "missing").inc()
-                continue
             else:
                 self._contacts_seen.labels(self.name, "found").inc()
-            try:
-                communication = await self._log_sms(event, contact)
-            except RequestRejected as exc:
+                to_log.append((event, contacts[number]))
+        stale: set[str] = set()
+        for chunk in _chunks(to_log, BATCH_INPUTS):
+            for event, reason in (await self._log_sms_batch(chunk)).items():
+                number = numbers[event.event_id]
                 if number in cached_before:
-                    # The cached contact may have been merged or deleted since: look it up
-                    # again on the retry before concluding the SMS cannot be logged.
-                    self._contact_cache.pop(number, None)
-                    raise TransientSinkError(f"hubspot: cached contact refused: {exc}") from exc
-                rejected[event.event_id] = str(exc)
-                continue
-            self._remember(event.event_id, communication)
+                    stale.add(number)
+                else:
+                    rejected[event.event_id] = reason
+        if stale:
+            # A cached contact may have been merged or deleted since: look those numbers up
+            # again on the retry before concluding their SMS cannot be logged (the SMS logged
+            # meanwhile are remembered, and skipped then).
+            for number in stale:
+                self._contact_cache.pop(number, None)
+            raise TransientSinkError("hubspot: cached contact refused")
         return Delivery(rejected)
+
+    async def _add_missing_contacts(
+        self,
+        pending: Sequence[SmsRecord],
+        numbers: Mapping[str, str | None],
+        contacts: dict[str, str],
+    ) -> dict[str, str]:
+        """Create the contacts ``contacts`` lacks (in place); return the events whose contact
+        HubSpot refused, with why (they go to the DLQ)."""
+        unknown: dict[str, SmsRecord] = {}
+        for event in pending:
+            number = numbers[event.event_id]
+            if number is not None and number not in contacts:
+                unknown.setdefault(number, event)  # the first SMS names the contact
+        created, refused = await self._create_contacts(unknown)
+        contacts.update(created)
+        self._contact_cache.update(created)
+        return {
+            event.event_id: f"contact: {refused[number]}"
+            for event in pending
+            if (number := numbers[event.event_id]) is not None and number in refused
+        }
+
+    async def _create_contacts(
+        self, unknown: Mapping[str, SmsRecord]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Batch-create a contact per number: (number → new contact id, number → why HubSpot
+        refused it). A number whose e-mail belongs to another contact gets that contact."""
+        created: dict[str, str] = {}
+        refused: dict[str, str] = {}
+        conflicts: dict[str, str] = {}  # number → the e-mail HubSpot says is taken
+        for chunk in _chunks(sorted(unknown), BATCH_INPUTS):
+            inputs = {number: _contact_properties(unknown[number], number) for number in chunk}
+            results, errors = await self._batch_create(
+                "contacts", {n: {"properties": p} for n, p in inputs.items()}
+            )
+            for number, contact in results.items():
+                created[number] = contact
+                self._contacts_seen.labels(self.name, "created").inc()
+            for number, category in errors.items():
+                email = inputs[number].get("email")
+                if category == "CONFLICT" and email:
+                    conflicts[number] = email
+                else:
+                    refused[number] = f"hubspot refused: {category}"
+        owners: dict[str, str] = {}  # e-mail → its contact: one search per e-mail
+        for number, email in conflicts.items():
+            # The e-mail belongs to a contact whose number differs: log the SMS there.
+            if email not in owners:
+                query = {"filterGroups": [{"filters": [
+                    {"propertyName": "email", "operator": "EQ", "value": email}]}]}  # fmt: skip
+                matches = await self._search("contacts", query)
+                if not matches:
+                    # Created seconds ago (maybe by this very batch) and not in the search
+                    # index yet: ask again later.
+                    raise TransientSinkError(
+                        "hubspot: conflicting contact not searchable yet",
+                        retry_after=self._create_retry,
+                    )
+                owners[email] = str(matches[0]["id"])
+            created[number] = owners[email]
+        return created, refused
+
+    async def _log_sms_batch(self, chunk: Sequence[tuple[SmsRecord, str]]) -> dict[SmsRecord, str]:
+        """One batch create of communications; returns the events HubSpot refused, with why.
+        Those it created are remembered (a retry of the batch skips them)."""
+        inputs = {event.event_id: self._communication(event, contact) for event, contact in chunk}
+        results, errors = await self._batch_create("communications", inputs)
+        by_id = {event.event_id: event for event, _ in chunk}
+        for event_id, communication in results.items():
+            self._remember(event_id, communication)
+        self._api.count_delivered(len(results))
+        return {
+            by_id[event_id]: f"hubspot refused: {category}" for event_id, category in errors.items()
+        }
+
+    async def _batch_create(
+        self, object_type: str, inputs: Mapping[str, dict[str, Any]]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """``POST …/{object_type}/batch/create`` in HubSpot's multi-status mode: each input
+        carries its key as ``objectWriteTraceId``. Returns (key → created id, key → (category,
+        category of a refused input). A whole-batch refusal (one input HubSpot would not take
+        in multi-status mode) is split in halves until the culprit is alone: good inputs are
+        never refused with it."""
+        body = {"inputs": [{**value, "objectWriteTraceId": key} for key, value in inputs.items()]}
+        try:
+            _, data = await self._create(f"{object_type}/batch/create", body)
+        except RequestRejected as exc:
+            if len(inputs) == 1:
+                (key,) = inputs
+                return {}, {key: exc.category or str(exc.status)}
+            keys = list(inputs)
+            halves = (keys[: len(keys) // 2], keys[len(keys) // 2 :])
+            created: dict[str, str] = {}
+            refused: dict[str, str] = {}
+            for half in halves:
+                c, r = await self._batch_create(object_type, {k: inputs[k] for k in half})
+                created |= c
+                refused |= r
+            return created, refused
+        created, refused = batch_outcome(data, set(inputs))
+        if len(created) + len(refused) < len(inputs):
+            # An input the answer does not mention may or may not exist: wait out the search
+            # index's lag, then the already-logged check of the retry tells.
+            raise TransientSinkError(
+                "hubspot batch: answer names fewer inputs than sent", retry_after=self._create_retry
+            )
+        return created, refused
+
+    def _communication(self, event: SmsRecord, contact: str) -> dict[str, Any]:
+        return {
+            "properties": {
+                "hs_communication_channel_type": "SMS",
+                "hs_communication_logged_from": "CRM",
+                "hs_communication_body": communication_body(event.payload),
+                "hs_timestamp": hubspot_timestamp(event),
+                self._id_property: event.event_id,
+            },
+            "associations": [{"to": {"id": contact}, "types": [
+                {"associationCategory": "HUBSPOT_DEFINED",
+                 "associationTypeId": COMMUNICATION_TO_CONTACT}]}],
+        }  # fmt: skip
 
     async def _already_logged(self, event_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -168,47 +299,6 @@ class CrmSink:
         if len(self._contact_cache) > 50_000:
             self._contact_cache.clear()
         return known
-
-    async def _create_contact(self, event: SmsRecord, number: str) -> str:
-        first, _, last = (event.payload.get("externalName") or "").strip().partition(" ")
-        properties = {"phone": number, "firstname": first, "lastname": last}
-        email = event.payload.get("externalEmail")
-        if email:
-            properties["email"] = email
-        try:
-            _, data = await self._create("contacts", {"properties": properties})
-        except RequestRejected as exc:
-            if exc.status != 409 or not email:
-                raise
-            # The e-mail belongs to a contact whose number differs: log the SMS there.
-            query = {"filterGroups": [{"filters": [
-                {"propertyName": "email", "operator": "EQ", "value": email}]}]}  # fmt: skip
-            matches = await self._search("contacts", query)
-            if not matches:
-                # Created seconds ago and not in the search index yet: ask again later.
-                raise TransientSinkError(
-                    "hubspot: conflicting contact not searchable yet",
-                    retry_after=self._create_retry,
-                ) from exc
-            return str(matches[0]["id"])
-        return json_field(data, "id", "hubspot")
-
-    async def _log_sms(self, event: SmsRecord, contact: str) -> str:
-        body = {
-            "properties": {
-                "hs_communication_channel_type": "SMS",
-                "hs_communication_logged_from": "CRM",
-                "hs_communication_body": communication_body(event.payload),
-                "hs_timestamp": hubspot_timestamp(event),
-                self._id_property: event.event_id,
-            },
-            "associations": [{"to": {"id": contact}, "types": [
-                {"associationCategory": "HUBSPOT_DEFINED",
-                 "associationTypeId": COMMUNICATION_TO_CONTACT}]}],
-        }  # fmt: skip
-        _, data = await self._create("communications", body)
-        self._api.count_delivered()
-        return json_field(data, "id", "hubspot")
 
     async def _create(self, object_type: str, body: dict[str, Any]) -> tuple[int, bytes]:
         """A create whose failure may hide a success: wait out the search index's lag before
@@ -299,8 +389,45 @@ def _spellings(e164: str, region: str | None) -> Iterable[str]:
         yield national.replace(" ", "")
 
 
-def _chunks(items: Sequence[str], size: int = SEARCH_PAGE) -> list[list[str]]:
+def _chunks(items: Sequence[T], size: int = SEARCH_PAGE) -> list[list[T]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _contact_properties(event: SmsRecord, number: str) -> dict[str, str]:
+    first, _, last = (event.payload.get("externalName") or "").strip().partition(" ")
+    properties = {"phone": number, "firstname": first, "lastname": last}
+    email = event.payload.get("externalEmail")
+    if email:
+        properties["email"] = email
+    return properties
+
+
+def batch_outcome(data: bytes, keys: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A 2xx batch create answer (201, or 207 in multi-status mode): (trace id → created
+    object id, trace id → HubSpot's error category for a refused input), for the trace ids
+    we sent. Only the category is kept: HubSpot's messages quote values (an e-mail address),
+    and a reason travels to the DLQ's headers and logs. An answer of another shape speaks for
+    the whole batch: transient (retried, never a crash and never a dead letter)."""
+    try:
+        answer = orjson.loads(data)
+        results = answer.get("results") or []
+        errors = answer.get("errors") or []
+        created = {
+            str(r["objectWriteTraceId"]): str(r["id"])
+            for r in results
+            if isinstance(r, dict) and r.get("objectWriteTraceId") in keys and "id" in r
+        }
+        refused: dict[str, str] = {}
+        for error in errors:
+            traces = (error.get("context") or {}).get("objectWriteTraceId") or []
+            for trace in traces if isinstance(traces, list) else [traces]:
+                if trace in keys and trace not in created:
+                    refused[str(trace)] = str(error.get("category") or "UNKNOWN")[:64]
+    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
+        raise TransientSinkError(
+            f"hubspot batch: unexpected answer ({type(exc).__name__})"
+        ) from exc
+    return created, refused
 
 
 def crm_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> CrmSink:

@@ -34,6 +34,7 @@ class RequestRejected(Exception):
     def __init__(self, target: str, status: int, category: str = "") -> None:
         super().__init__(f"{target} answered {status}{f' {category}' if category else ''}")
         self.status = status
+        self.category = category
 
 
 class AuthRejected(TransientSinkError):

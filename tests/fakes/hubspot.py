@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ from tests.fakes.base import FakeServer, RollingWindowLimiter, load_json, retry_
 
 DEFAULT_TOKEN = "pat-na1-fake-token"  # noqa: S105 # the fake's own, known to the tests
 CHANNEL_TYPES = ("SMS", "WHATS_APP", "LINKEDIN_MESSAGE")
+BATCH_LIMIT = 100  # inputs per batch request, as HubSpot's CRM batch endpoints allow
 COMMUNICATION_TO_CONTACT = 81  # HUBSPOT_DEFINED association type id
 CONTACT_PROPERTIES = frozenset(
     {"email", "firstname", "lastname", "phone", "mobilephone", "company", "website"}
@@ -73,6 +74,18 @@ def _now_iso() -> str:
 def _error(status: int, category: str, message: str, **extra: Any) -> web.Response:
     body = {"status": "error", "message": message, "correlationId": str(uuid.uuid4())}
     return web.json_response({**body, "category": category, **extra}, status=status)
+
+
+class Refusal(NamedTuple):
+    """Why HubSpot refuses one create: its HTTP status, error category and message."""
+
+    status: int
+    category: str
+    message: str
+
+
+def _refused(message: str) -> Refusal:
+    return Refusal(400, "VALIDATION_ERROR", message)
 
 
 def _invalid(message: str) -> web.Response:
@@ -152,6 +165,7 @@ class FakeHubSpot(FakeServer):
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/crm/v3/objects/{object_type}", self._create),
+            web.post("/crm/v3/objects/{object_type}/batch/create", self._batch_create),
             web.post("/crm/v3/objects/{object_type}/search", self._search),
         ]
 
@@ -228,9 +242,83 @@ class FakeHubSpot(FakeServer):
         body = await self._admit(request, search=False)
         if isinstance(body, web.Response):
             return body
+        checked = self._checked_input(object_type, body)
+        if isinstance(checked, Refusal):
+            return _error(checked.status, checked.category, checked.message)
+        record = self._new_record(object_type, *checked)
+        store.append(record)
+        return web.json_response(record.to_json(), status=201)
+
+    async def _batch_create(self, request: web.Request) -> web.Response:
+        """POST /crm/v3/objects/{object_type}/batch/create: up to 100 ``inputs``, one request.
+
+        Without ``objectWriteTraceId`` on the inputs, one refused input refuses the whole
+        batch (its error, nothing created). With them (HubSpot's multi-status mode), the
+        valid inputs are created and the answer is 207 with ``results`` (each carrying its
+        input's ``objectWriteTraceId``) and ``errors`` (each naming its input's trace id in
+        ``context.objectWriteTraceId``, HubSpot's map of lists of strings)."""
+        object_type, store = self._store(request)
+        body = await self._admit(request, search=False)
+        if isinstance(body, web.Response):
+            return body
+        inputs = body.get("inputs")
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(i, dict) for i in inputs)
+        ):
+            return _invalid("Invalid input JSON: 'inputs' must be a non-empty array of objects")
+        if len(inputs) > BATCH_LIMIT:
+            return _invalid(f"Too many inputs: {len(inputs)} is more than {BATCH_LIMIT}")
+        traces = [i.get("objectWriteTraceId") for i in inputs]
+        multi_status = all(isinstance(t, str) and t for t in traces)
+        accepted: list[tuple[str | None, dict[str, str], list[dict[str, Any]]]] = []
+        errors: list[dict[str, Any]] = []
+        taken_emails: set[str] = set()
+        for trace, item in zip(traces, inputs, strict=True):
+            checked = self._checked_input(object_type, item, taken_emails)
+            if isinstance(checked, Refusal):
+                if not multi_status:
+                    return _error(checked.status, checked.category, checked.message)
+                errors.append(
+                    {
+                        "status": "error",
+                        "category": checked.category,
+                        "message": checked.message,
+                        "context": {"objectWriteTraceId": [trace]},
+                    }
+                )
+                continue
+            values, associations = checked
+            if "email" in values:
+                taken_emails.add(values["email"])
+            accepted.append((trace, values, associations))
+        started = _now_iso()
+        results = []
+        for trace, values, associations in accepted:
+            record = self._new_record(object_type, values, associations)
+            store.append(record)
+            results.append({**record.to_json(), **({"objectWriteTraceId": trace} if trace else {})})
+        answer: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": _now_iso(),
+        }
+        if errors:
+            answer |= {"errors": errors, "numErrors": len(errors)}
+        return web.json_response(answer, status=207 if errors else 201)
+
+    def _checked_input(
+        self, object_type: str, body: dict[str, Any], taken_emails: set[str] | None = None
+    ) -> tuple[dict[str, str], list[dict[str, Any]]] | Refusal:
+        """One create's properties and associations as HubSpot would store them, or why it
+        refuses them. ``taken_emails``: e-mails earlier inputs of the same batch claim."""
         properties = body.get("properties")
         if not isinstance(properties, dict):
-            return _invalid("Invalid input JSON: 'properties' must be an object")
+            return Refusal(
+                400, "VALIDATION_ERROR", "Invalid input JSON: 'properties' must be an object"
+            )
         values = {
             k: str(v).lower() if isinstance(v, bool) else str(v)
             for k, v in properties.items()
@@ -238,11 +326,12 @@ class FakeHubSpot(FakeServer):
         }
         problems = self._property_problems(object_type, values)
         if problems:
-            return _invalid(
+            message = (
                 f"Property values were not valid: {json.dumps(problems, separators=(',', ':'))}"
             )
+            return Refusal(400, "VALIDATION_ERROR", message)
         associations = self._associations(object_type, body.get("associations", []))
-        if isinstance(associations, web.Response):
+        if isinstance(associations, Refusal):
             return associations
         if "hs_timestamp" in values:
             values["hs_timestamp"] = _timestamp(values["hs_timestamp"]) or values["hs_timestamp"]
@@ -252,12 +341,12 @@ class FakeHubSpot(FakeServer):
                 (c for c in self.contacts if c.properties.get("email") == values["email"]), None
             )
             if existing is not None:
-                return _error(
+                return Refusal(
                     409, "CONFLICT", f"Contact already exists. Existing ID: {existing.id}"
                 )
-        record = self._new_record(object_type, values, associations)
-        store.append(record)
-        return web.json_response(record.to_json(), status=201)
+            if values["email"] in (taken_emails or ()):
+                return Refusal(409, "CONFLICT", "Contact already exists in this batch")
+        return values, associations
 
     def _property_problems(self, object_type: str, values: dict[str, str]) -> list[dict[str, Any]]:
         problems = [
@@ -292,9 +381,9 @@ class FakeHubSpot(FakeServer):
             problems.append(_problem("hs_timestamp", "INVALID_DATETIME", message))
         return problems
 
-    def _associations(self, object_type: str, raw: Any) -> list[dict[str, Any]] | web.Response:
+    def _associations(self, object_type: str, raw: Any) -> list[dict[str, Any]] | Refusal:
         if not isinstance(raw, list):
-            return _invalid("Invalid input JSON: 'associations' must be an array")
+            return _refused("Invalid input JSON: 'associations' must be an array")
         if object_type == "contacts":
             return [a for a in raw if isinstance(a, dict)]  # kept as sent; the fake checks none
         contact_ids = {c.id for c in self.contacts}
@@ -308,7 +397,7 @@ class FakeHubSpot(FakeServer):
                 or not isinstance(types, list)
                 or not types
             ):
-                return _invalid("Invalid input JSON: an association needs 'to.id' and 'types'")
+                return _refused("Invalid input JSON: an association needs 'to.id' and 'types'")
             for kind in types:
                 pair = (
                     (kind.get("associationCategory"), kind.get("associationTypeId"))
@@ -316,11 +405,11 @@ class FakeHubSpot(FakeServer):
                     else None
                 )
                 if pair != ("HUBSPOT_DEFINED", COMMUNICATION_TO_CONTACT):
-                    return _invalid(
+                    return _refused(
                         f"Association type {pair} is not valid from communications to contacts"
                     )
                 if str(to["id"]) not in contact_ids:
-                    return _invalid(f"Association target contact {to['id']} does not exist")
+                    return _refused(f"Association target contact {to['id']} does not exist")
                 result.append(
                     {
                         "toObjectId": str(to["id"]),
