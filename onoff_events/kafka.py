@@ -198,3 +198,23 @@ async def topic_max_message_bytes(kafka: KafkaSettings, topics: Sequence[str]) -
                 if entry[0] == "max.message.bytes" and str(entry[1]).isdigit():
                     limits[name] = int(entry[1])
     return limits
+
+
+async def topic_partitions(kafka: KafkaSettings, topics: Sequence[str]) -> dict[str, list[int]]:
+    """The partitions of each of ``topics`` that exists (one that does not, or that this user
+    may not describe, is left out)."""
+    from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415 # only tools need it
+
+    admin = AIOKafkaAdminClient(**kafka.client_options())
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        wanted = [t for t in topics if t in existing]
+        described = await admin.describe_topics(wanted) if wanted else []
+    finally:
+        await admin.close()
+    return {
+        str(d["topic"]): sorted(int(p["partition"]) for p in d.get("partitions", []))
+        for d in described
+        if not d.get("error_code")
+    }
