@@ -136,42 +136,43 @@ async def read_all(kafka: KafkaSettings, topics: Sequence[str]) -> list[DlqRecor
     exist are skipped), read without a consumer group: nothing is committed."""
     found = await topic_partitions(kafka, topics)
     partitions = [TopicPartition(topic, p) for topic in topics for p in found.get(topic, [])]
-    consumer = AIOKafkaConsumer(
-        **kafka.client_options(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        return await _read(consumer, partitions, None)
-    finally:
-        await consumer.stop()
+    return await _read(kafka, partitions, None)
 
 
 async def read_one(kafka: KafkaSettings, where: TopicPartition, offset: int) -> DlqRecord | None:
-    consumer = AIOKafkaConsumer(
-        **kafka.client_options(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        found = await _read(consumer, [where], offset, limit=1)
-        return found[0] if found and found[0].offset == offset else None
-    finally:
-        await consumer.stop()
+    found = await _read(kafka, [where], offset, limit=1)
+    return found[0] if found and found[0].offset == offset else None
 
 
 async def _read(
-    consumer: AIOKafkaConsumer,
+    kafka: KafkaSettings,
     partitions: list[TopicPartition],
     start: int | None,
     limit: int | None = None,
 ) -> list[DlqRecord]:
+    """The records of ``partitions`` from ``start`` (None: the beginning) to their end
+    offsets, or the first ``limit``; no consumer group, nothing committed."""
     if not partitions:
         return []
+    consumer = AIOKafkaConsumer(
+        **kafka.client_options(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        return await _read_assigned(consumer, partitions, start, limit)
+    finally:
+        await consumer.stop()
+
+
+async def _read_assigned(
+    consumer: AIOKafkaConsumer,
+    partitions: list[TopicPartition],
+    start: int | None,
+    limit: int | None,
+) -> list[DlqRecord]:
     consumer.assign(partitions)
     ends = await consumer.end_offsets(partitions)
     if start is None:
