@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry
 
-from bench.run import RESULTS, machine
+from bench.run import machine, write_results
 from consumers.records import SmsRecord
 from consumers.sinks.crm import CrmSink
 from tests.fakes.hubspot import DEFAULT_TOKEN, FakeHubSpot
@@ -121,10 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     report = asyncio.run(main_async(300 if args.quick else 3000))
     name = "crm-quick" if args.quick else "crm"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    (RESULTS / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(name, report, markdown(report))
     return 0
 
 

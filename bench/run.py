@@ -692,6 +692,14 @@ def main() -> int:
     return 0
 
 
+def write_results(name: str, report: dict[str, Any], text: str) -> None:
+    """``bench/results/<name>.json`` and ``.md``, and the markdown on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
 def latency_curves(report: dict[str, Any]) -> dict[str, list[tuple[int, float, float]]]:
     """server → [(offered rate, p50 ms, p99 ms)] from the fixed-rate (vegeta) scenarios."""
     curves: dict[str, list[tuple[int, float, float]]] = {}

@@ -21,12 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from bench.run import (
     KEY,
     PY,
-    RESULTS,
     ROOT,
     WORK,
     create_topics,
@@ -35,6 +32,7 @@ from bench.run import (
     process,
     sh,
     vegeta,
+    write_results,
     wrk,
 )
 
@@ -223,10 +221,7 @@ def main() -> int:
     finally:
         sh("scripts/kafka.sh", "stop", str(kafka_dir), cwd=ROOT)
     name = "spool-quick" if args.quick else "spool"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    (RESULTS / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(name, report, markdown(report))
     return 0
 
 
