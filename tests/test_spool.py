@@ -355,3 +355,23 @@ async def test_a_stalled_disk_answers_within_the_bound(
         assert time.monotonic() - started < 1.0
     finally:
         await spool.close()
+
+
+async def test_a_row_with_unreadable_headers_is_still_replayed(tmp_path: Path) -> None:
+    """A spool file edited by hand into headers that do not decode: the record still comes
+    back (key and value intact, no headers), so the replay neither dies nor skips it."""
+    spool = await Spool.open(tmp_path, 1 << 20)
+    await spool.append("sms-events", b"k1", b"first", [("ce_id", b"k1")])
+    await spool.append("sms-events", b"k2", b"second", [("ce_id", b"k2")])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / SPOOL_FILE)) as db, db:
+        db.execute("UPDATE spool SET headers = 'not json' WHERE key = ?", (b"k1",))
+    again = await Spool.open(tmp_path, 1 << 20)
+    try:
+        back = await again.oldest(10)
+    finally:
+        await again.close()
+    assert [(r.key, r.value, r.headers) for r in back] == [
+        (b"k1", b"first", []),
+        (b"k2", b"second", [("ce_id", b"k2")]),
+    ]

@@ -19,8 +19,9 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.app import STORE
 from onoff_events.kafka import KafkaSettings, ensure_topics
-from tests.conftest import TEST_KEY, Topics, gateway_env
+from tests.conftest import TEST_KEY, Topics, gateway_env, start_gateway, wait_until
 from tests.fault.cluster import ServiceProcess, metric_sum
 from tests.kafka_reader import read_records
 from tests.payloads import sms_body
@@ -271,3 +272,41 @@ async def test_sigterm_while_kafka_is_away_stops_within_its_bounds_and_keeps_the
         if line.startswith("{") and '"spool_closed"' in line
     ]
     assert [c["records_left"] for c in closed] == [10]
+
+
+async def test_a_failing_spool_disk_takes_the_pod_out_of_readiness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kafka away, so readiness rests on the spool alone: ready while it writes; after a
+    write fails (injected at the worker thread's SQLite call: this machine cannot make a
+    disk fail under an open file), 503 for the webhook and for /readyz, so the load balancer
+    sends Onoff elsewhere instead of to a pod that can only refuse."""
+    nowhere = f"127.0.0.1:{free_port()}"  # no broker: the producer never connects
+    env = gateway_env(
+        nowhere, TOPICS, GATEWAY_SPOOL_DIR=str(tmp_path / "spool"), GATEWAY_SPOOL_DRAIN_SECONDS="0"
+    )
+    server, gw = await start_gateway(env, wait_ready=False)
+    try:
+        store = gw.app[STORE]
+        await wait_until(lambda: store.spool is not None, 10, "the spool to open")
+
+        async def ready() -> tuple[int, dict[str, str]]:
+            async with gw.http.get(gw.url.rstrip("/") + "/readyz") as response:
+                return response.status, await response.json()
+
+        assert await ready() == (200, {"status": "ready", "durability": "spool"})
+        status, where, _ = await post(gw.http, gw.url.rstrip("/"), sms_body())
+        assert (status, where) == (200, "spool")
+
+        def io_error(*_: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        assert store.spool is not None
+        monkeypatch.setattr(store.spool, "_append_sync", io_error)
+        status, _, answer = await post(gw.http, gw.url.rstrip("/"), sms_body())
+        assert status == 503
+        assert orjson.loads(answer)["detail"].startswith("not made durable: spool_")
+        assert (await ready())[0] == 503
+    finally:
+        await gw.http.close()
+        await server.close()
