@@ -94,6 +94,7 @@ class Runner:
         # may take: no batch may outlive the group's rebalance timeout.
         self._max_batch = min(settings.max_batch, getattr(sink, "max_batch_events", 10**9))
         self._stop = asyncio.Event()
+        self._exhausted = False  # a fixed range read to its end (a replay); never the service
         self._abandon = asyncio.Event()
         self._restart = asyncio.Event()
         self._in_hand: set[asyncio.Task[None]] = set()  # batches handled, not yet finished
@@ -185,7 +186,7 @@ class Runner:
         ahead: asyncio.Task[_Fetched] | None = None
         handling: _Handling | None = None
         try:
-            while not self._stop.is_set() and not self._restart.is_set():
+            while not (self._stop.is_set() or self._restart.is_set() or self._exhausted):
                 try:
                     fetching = ahead or asyncio.create_task(
                         self._fetch(consumer), name=f"{self._name}-fetch"
@@ -211,7 +212,7 @@ class Runner:
                 finally:
                     ahead = None
                 if not fetched.records:
-                    self._answered_empty()
+                    await self._answered_empty(consumer)
                     continue
                 if fetched.epoch != self._epoch:
                     # Read ahead under an assignment revoked since: never delivered (its commit
@@ -243,9 +244,10 @@ class Runner:
                 # commits, or gives up at its next retry.
                 await self._finish(handling)
 
-    def _answered_empty(self) -> None:
+    async def _answered_empty(self, consumer: AIOKafkaConsumer) -> None:
         """An empty fetch says Kafka answers; it says nothing of a batch still retrying in
-        hand (the warehouse's overlap), which keeps the service unready."""
+        hand (the warehouse's overlap), which keeps the service unready. (A replay also
+        checks here whether its range is read: consumers/replay.py.)"""
         if not self._retrying:
             self._set_healthy(healthy=True)
 
