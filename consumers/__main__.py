@@ -118,8 +118,8 @@ def _replay(
     until: Position | None,
 ) -> int:
     """Plan the range, then deliver it to ``target`` (or count it, without one: a dry run);
-    print the summary as one JSON line on stdout."""
-    logs.configure(settings.log_level)
+    print the summary as one JSON line on stdout (logs and progress go to stderr)."""
+    logs.configure(settings.log_level, sys.stderr)
 
     async def go() -> Mapping[str, Any]:
         plan = await resolve_range(settings.kafka, settings.topic, start, until)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -33,9 +33,10 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
-def configure(level: str = "INFO") -> None:
-    """Send every logger's records to stdout as JSON lines (containers collect stdout)."""
-    handler = logging.StreamHandler(sys.stdout)
+def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send every logger's records to stdout as JSON lines (containers collect stdout), or to
+    ``stream`` (the operator tools keep stdout for their results)."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

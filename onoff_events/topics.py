@@ -1,5 +1,6 @@
 """``python -m onoff_events.topics [SINK…]``: create the project's topics on a development
-broker: the events topic, the gateway's DLQ and one DLQ per sink named.
+broker: the events topic, the gateway's DLQ, one DLQ per sink named and the re-drive
+ledger.
 
 Production topics belong to Strimzi (deploy/k8s); this is for ``make run`` and local brokers.
 """
@@ -25,6 +26,8 @@ def main() -> int:
         return 2
     wanted = {topic: partitions, s.text(env, "KAFKA_DLQ_TOPIC", f"{topic}.dlq"): 1}
     wanted.update({f"{topic}.{sink}.dlq": 1 for sink in sys.argv[1:]})
+    # onoff-dlq redrive's ledger: which DLQ records were moved (compacted in production).
+    wanted[s.text(env, "KAFKA_REDRIVEN_TOPIC", f"{topic}.redriven")] = 1
     created = asyncio.run(ensure_topics(kafka, wanted))
     for name in wanted:
         print(f"onoff-topics: {name}: {'created' if name in created else 'exists'}")

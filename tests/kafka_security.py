@@ -184,7 +184,9 @@ def acl_commands(bootstrap: str, user: str, acls: Sequence[Acl]) -> list[list[st
     commands = []
     for (pattern, host, operations), same in grouped.items():
         args = ["--bootstrap-server", bootstrap, "--add", "--allow-principal", f"User:{user}"]
-        args += ["--allow-host", host, "--resource-pattern-type", pattern]
+        # Strimzi says "prefix" where kafka-acls says "prefixed".
+        kind = {"prefix": "prefixed"}.get(pattern, pattern)
+        args += ["--allow-host", host, "--resource-pattern-type", kind]
         for acl in same:
             if acl.resource_type == "cluster":
                 args.append("--cluster")

@@ -35,9 +35,11 @@ from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumers import dlq_cli
 from consumers.alert_rules import load_rules
 from consumers.dedupe import dedupe_from_url
 from consumers.metrics import ConsumerMetrics
+from consumers.replay import replay_group
 from consumers.runner import Runner
 from consumers.service import build_http
 from consumers.settings import ConsumerSettings
@@ -762,20 +764,44 @@ def test_topics_users_and_acls_match_what_the_services_use(
                 expected[user] |= {("group", group, "literal", op) for op in ("Read", "Describe")}
             for topic in writes | reads:
                 _partitions(docs, topic)  # the topic exists
+        expected["onoff-tools"] = _tools_acls()
+        for topic in {name for _, name, _, _ in expected["onoff-tools"] if "." in name}:
+            _partitions(docs, topic)
         assert acls == expected, overlay
+
+
+def _tools_acls() -> set[tuple[str, str, str, str]]:
+    """What onoff-dlq and onoff-consumer --replay-from need, from the names their own code
+    uses: read every DLQ and the events topic; write the events topic (re-drive), each sink's
+    DLQ (a replay's refusals) and the ledger; replay groups by prefix, no live group."""
+    env: dict[str, str] = {}
+    events, ledger = dlq_cli.events_topic(env), dlq_cli.ledger_topic(env)
+    read_only = {dlq_cli.gateway_dlq(env)}
+    read_write = {events, ledger} | {t for t in dlq_cli.dlq_topics(env) if t not in read_only}
+    acls = {("topic", t, "literal", op) for t in read_only for op in ("Read", "Describe")}
+    acls |= {
+        ("topic", t, "literal", op) for t in read_write for op in ("Read", "Write", "Describe")
+    }
+    prefixes = {replay_group(sink).rsplit("-", 1)[0] + "-" for sink in SINK_NAMES}
+    acls |= {("group", g, "prefix", op) for g in prefixes for op in ("Read", "Describe")}
+    return acls
 
 
 def test_prod_topics_are_durable(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Prod: 3 replicas, min.insync.replicas 2, a retention, and at least 12 partitions on
     the events topic; a DLQ topic for the gateway and for every sink."""
     topics = {t["spec"]["topicName"]: t["spec"] for t in _of_kind(rendered["prod"], "KafkaTopic")}
-    assert set(topics) == {"sms-events", "sms-events.dlq"} | {
+    assert set(topics) == {"sms-events", "sms-events.dlq", "sms-events.redriven"} | {
         f"sms-events.{sink}.dlq" for sink in SINK_NAMES
     }
     assert topics["sms-events"]["partitions"] >= 12
     for name, spec in topics.items():
         assert spec["replicas"] == 3, name
         assert int(spec["config"]["min.insync.replicas"]) == 2, name
+        if name == "sms-events.redriven":
+            # The re-drive ledger is compacted and kept: forgetting it re-drives again.
+            assert spec["config"]["cleanup.policy"] == "compact"
+            continue
         assert int(spec["config"]["retention.ms"]) > 0, name
 
 

@@ -18,9 +18,11 @@ import gc
 import logging
 import os
 import secrets
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -37,7 +39,15 @@ from consumers.settings import ConsumerSettings
 from consumers.sinks import Delivery
 from gateway.app import PUBLISHER
 from gateway.publisher import ProducerOptions
-from tests.conftest import TEST_KEY, RunningGateway, Topics, gateway_env, start_gateway, wait_until
+from tests.conftest import (
+    ROOT,
+    TEST_KEY,
+    RunningGateway,
+    Topics,
+    gateway_env,
+    start_gateway,
+    wait_until,
+)
 from tests.consumer_harness import InProcessConsumer, consumer_env
 from tests.kafka_reader import read_records
 from tests.kafka_security import (
@@ -304,6 +314,67 @@ async def test_other_consumers_work_with_their_own_users(
     assert task.exception() is None
     dead = await read_records(secure.plaintext, settings.dlq_topic)
     assert event["id"] in {orjson.loads(r.value)["event_id"] for r in dead}
+
+
+async def test_operator_tools_work_with_their_own_user(secure: SecureKafka, tmp_path: Path) -> None:
+    """As onoff-tools, with nothing but users.yaml's ACLs: ``onoff-dlq stats`` reads every DLQ;
+    ``redrive`` re-publishes a gateway dead letter that passes now and writes the ledger;
+    ``onoff-consumer warehouse --replay-from`` replays it in a replay group of its own."""
+    event = sms_event()
+    record = {
+        "dlq_version": 1,
+        "stage": "gateway",
+        "reason": "schema_violation",
+        "errors": [],
+        "event_id": event["id"],
+        "received_at": "2026-11-27T10:00:00.000Z",
+        "key_label": "primary",
+        "payload": event,  # refused by an older schema, passes this one
+    }
+    producer = AIOKafkaProducer(bootstrap_servers=secure.plaintext, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            "sms-events.dlq", orjson.dumps(record), key=event["id"].encode()
+        )
+    finally:
+        await producer.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "WAREHOUSE_"))}
+    env |= secure.client_env("onoff-tools")
+    env["WAREHOUSE_URL"] = f"duckdb:///{tmp_path / 'replayed.duckdb'}"
+
+    async def tool(*args: str) -> tuple[int, list[dict[str, Any]], str]:
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, *args, cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(done.communicate(), 120)
+        lines = [orjson.loads(line) for line in out.splitlines() if line.startswith(b"{")]
+        return done.returncode or 0, lines, err.decode()
+
+    code, rows, err = await tool("-m", "consumers.dlq_cli", "stats")
+    assert code == 0, err
+    assert any(r["topic"] == "sms-events.dlq" for r in rows)
+    code, [moved], err = await tool("-m", "consumers.dlq_cli", "redrive")
+    assert code == 0, err
+    assert moved["moved"] >= 1
+    on_topic = await read_records(secure.plaintext, "sms-events")
+    matching = [
+        r for r in on_topic if r.key == event["id"].encode() and "ce_redriven" in dict(r.headers)
+    ]
+    [redriven] = matching
+    ledger = await read_records(secure.plaintext, "sms-events.redriven")
+    assert ledger, "the re-drive wrote no ledger record"
+
+    where = f"{redriven.partition}:{redriven.offset}"
+    until = f"{redriven.partition}:{redriven.offset + 1}"
+    code, [summary], err = await tool(
+        "-m", "consumers", "warehouse", "--replay-from", where, "--until", until
+    )
+    assert code == 0, err
+    assert (summary["complete"], summary["read"], summary["delivered"]) == (True, 1, 1)
+    assert str(summary["group_id"]).startswith("onoff-warehouse-replay-")
+    assert '"replay_progress"' in err  # progress as log lines when not on a terminal
 
 
 # --- the wrong credentials: unready, 503, the cause in the log -----------------------------
