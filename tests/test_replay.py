@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -41,7 +43,7 @@ from consumers.replay import (
 )
 from consumers.settings import ConsumerSettings
 from consumers.sinks import SINKS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from tests.consumer_harness import (
     InProcessConsumer,
     consumer_env,
@@ -49,6 +51,7 @@ from tests.consumer_harness import (
     publish,
     wait_for_rows,
 )
+from tests.fakes.hubspot import DEFAULT_TOKEN, FakeHubSpot
 from tests.payloads import sms_event
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -321,3 +324,48 @@ async def test_ctrl_c_mid_replay_then_resume_leaves_no_gap_and_no_double(
     assert resumed["already_present"] == 0
     assert interrupted["delivered"] + resumed["delivered"] == 300
     assert await proposed(postgres_url, pg_schema) == dict.fromkeys(ids[0], 1)
+
+
+async def test_a_crm_replay_logs_nothing_twice_and_counts_what_hubspot_holds(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The CRM's idempotency is HubSpot's own: its ``onoff_event_id`` property. Replaying SMS
+    already logged creates no communication and counts each as already present; one SMS the
+    live service never logged (its contact added since) is logged once."""
+    hubspot = FakeHubSpot()
+    await hubspot.start()
+    try:
+        hubspot.seed_contact({"firstname": "Known", "phone": "+33612345678"})
+        topic = await make_topics(kafka_bootstrap, sink="crm")
+        env = consumer_env(
+            kafka_bootstrap,
+            topic,
+            HUBSPOT_TOKEN=DEFAULT_TOKEN,
+            HUBSPOT_BASE_URL=hubspot.base_url,
+            DEDUPE_URL=f"sqlite:///{tmp_path}/dedupe.sqlite3",
+        )
+        known = [sms_event(externalNumber="+33612345678") for _ in range(5)]
+        later = sms_event(externalNumber="+33698765432")
+        started = datetime.now(UTC) - timedelta(seconds=5)
+        await publish(kafka_bootstrap, topic, [*known, later])
+        async with InProcessConsumer(env, sink_name="crm") as live:
+            await wait_until(
+                lambda: live.metric("onoff_consumer_events_consumed_total") == 6,
+                30,
+                "6 SMS read by the live CRM service",
+            )
+            await wait_until(lambda: len(hubspot.communications) == 5, 20, "5 communications")
+        hubspot.seed_contact({"firstname": "Later", "phone": "+33698765432"})
+
+        settings = replay_settings(ConsumerSettings.from_env("crm", env))
+        sink = SINKS["crm"](env, CollectorRegistry())
+        dedupe = dedupe_from_url(settings.dedupe_url, "onoff-crm", 3600, sink)
+        plan = await resolve_range(settings.kafka, settings.topic, started, None)
+        summary = await replay(settings, sink, dedupe, plan)
+
+        assert summary.complete
+        assert (summary.read, summary.delivered, summary.already_present) == (6, 1, 5)
+        by_event = Counter(c.properties["onoff_event_id"] for c in hubspot.communications)
+        assert by_event == Counter({e["id"]: 1 for e in [*known, later]})
+    finally:
+        await hubspot.close()

@@ -140,7 +140,10 @@ class CrmSink:
             for number in stale:
                 self._contact_cache.pop(number, None)
             raise TransientSinkError("hubspot: cached contact refused")
-        return Delivery(rejected)
+        # Found by HubSpot's search: logged before this batch (a copy, or a replay): counted
+        # as already present, not delivered. (Those this process logged on an earlier try of
+        # the same batch are skipped before the search, and count as delivered.)
+        return Delivery(rejected, already_held=frozenset(already))
 
     async def _add_missing_contacts(
         self,
