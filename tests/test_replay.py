@@ -9,6 +9,8 @@ though the primary key keeps one row.
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import signal
 import subprocess
@@ -31,6 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.dedupe import dedupe_from_url
 from consumers.replay import (
+    Progress,
     ReplayError,
     ReplaySummary,
     format_offsets,
@@ -369,3 +372,30 @@ async def test_a_crm_replay_logs_nothing_twice_and_counts_what_hubspot_holds(
         assert by_event == Counter({e["id"]: 1 for e in [*known, later]})
     finally:
         await hubspot.close()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    screen = Terminal()
+    bar = Progress(200, screen)
+    bar.update(50)
+    bar.update(200)
+    bar.close()
+    assert "200/200" in screen.getvalue()
+    assert "event" in screen.getvalue()
+
+    caplog.set_level(logging.INFO, "consumers.replay")
+    lines = Progress(200, io.StringIO())
+    lines.update(50)  # the first report comes at once, then one per PROGRESS_LOG_SECONDS
+    lines.update(60)
+    lines.update(200)  # and the last one
+    reports = [r for r in caplog.records if r.getMessage() == "replay_progress"]
+    assert len(reports) == 2
+    assert [r.fields["done"] for r in reports] == [50, 200]  # type: ignore[attr-defined]
+    assert reports[0].fields["total"] == 200  # type: ignore[attr-defined]
