@@ -35,6 +35,7 @@ from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumers import __main__ as consumer_main
 from consumers import dlq_cli
 from consumers.alert_rules import load_rules
 from consumers.dedupe import dedupe_from_url
@@ -1132,3 +1133,27 @@ def test_dockerfile_ships_what_the_services_read_at_run_time() -> None:
     copied = re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.MULTILINE)
     for source in {s for sources in copied for s in sources.split()}:
         assert f"!{source}" in allowed or f"!{source}/" in allowed, f".dockerignore drops {source}"
+
+
+def test_the_replay_job_example_is_valid_and_runs_the_tools_as_their_own_user() -> None:
+    """deploy/k8s/jobs/replay-warehouse.yaml (docs/operations.md): valid against Kubernetes'
+    schemas; its command line is one our own argument parser accepts; it logs in as the
+    onoff-tools KafkaUser, whose password Secret Strimzi writes; its pods get a network policy."""
+    docs = _load_yaml_docs(K8S / "jobs" / "replay-warehouse.yaml")
+    errors = [e for doc in docs for e in _schema_errors(doc, _crd_schemas())]
+    assert not errors, "\n".join(errors)
+    (job,) = _of_kind(docs, "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    command, *args = container["args"]
+    assert command == "onoff-consumer"
+    parsed = consumer_main._arguments().parse_args(args)
+    assert parsed.sink in SINKS
+    assert parsed.replay_from is not None
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KAFKA_SASL_USERNAME"]["value"] == "onoff-tools"
+    assert env["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "onoff-tools"
+    users = _load_yaml_docs(K8S / "base" / "kafka" / "users.yaml")
+    assert "onoff-tools" in {u["metadata"]["name"] for u in _of_kind(users, "KafkaUser")}
+    (policy,) = _of_kind(docs, "NetworkPolicy")
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
