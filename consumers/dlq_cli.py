@@ -56,7 +56,7 @@ from onoff_events import logs
 from onoff_events import settings as s
 from onoff_events.cloudevents import rfc3339_now
 from onoff_events.kafka import KafkaSettings, topic_partitions
-from onoff_events.sms_event import SmsEventChecker
+from onoff_events.sms_event import EventChecker
 
 __all__ = ["DlqRecord", "main", "masked", "shown", "summary"]
 
@@ -280,7 +280,7 @@ async def redrive(
     }
     now = rfc3339_now()
     if sink is None:
-        checker = SmsEventChecker()
+        checker = EventChecker()
         verdicts = [recheck(r, checker, now) for r in todo]
         moving = [v for v in verdicts if isinstance(v, Republished)]
         counts["still_failing"] = dict(Counter(v for v in verdicts if isinstance(v, str)))

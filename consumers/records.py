@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from onoff_events.cloudevents import RECEIVED_TIME, parse_rfc3339
-from onoff_events.sms_event import Quarantined, SmsEventChecker
+from onoff_events.sms_event import EventChecker, Quarantined
 
 
 class SmsRecord(NamedTuple):
@@ -44,7 +44,7 @@ class RecordDecoder:
     other writers (a replay tool, a test), and a sink must never see a malformed event."""
 
     def __init__(self) -> None:
-        self._checker = SmsEventChecker()
+        self._checker = EventChecker()
 
     def decode(self, record: Any) -> SmsRecord | PoisonRecord:
         """Never raises: whatever the bytes, the answer is an event or a poison record."""
@@ -63,11 +63,13 @@ class RecordDecoder:
             return _poison(record, "invalid_event", f"{verdict.reason}: {problems}")
         # The checker parsed the date once and refused one with no UTC time: the same
         # definition of valid as the gateway's, and no second parse per event.
+        if verdict.at is None:  # the SMS schema requires a date: another kind's record
+            return _poison(record, "invalid_event", "no event time")
         return SmsRecord(
             event_id=verdict.event_id,
             payload=verdict.payload,
             raw=value,
-            sent_at=verdict.sent_at,
+            sent_at=verdict.at,
             received_at=_received_at(record.headers),
             topic=record.topic,
             partition=record.partition,

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from onoff_events.cloudevents import KEY_LABEL, Headers, SmsEventHeaders
-from onoff_events.sms_event import SmsEventChecker, ValidSmsEvent
+from onoff_events.sms_event import EventChecker, ValidEvent
 
 REDRIVEN_TIME = "ce_redriven"
 DEFAULT_SOURCE = "/onoff-events/gateway/v1/onoff/sms"
@@ -117,19 +117,19 @@ def original_body(record: DlqRecord) -> bytes | None:
     return None
 
 
-def recheck(record: DlqRecord, checker: SmsEventChecker, now: str) -> Republished | str:
+def recheck(record: DlqRecord, checker: EventChecker, now: str) -> Republished | str:
     """The events-topic record for a gateway DLQ record that passes ``checker`` now, or the
     reason it still fails (``unreadable`` when the DLQ record holds no body)."""
     body = original_body(record)
     if body is None:
         return "unreadable"
     verdict = checker.check(body)
-    if not isinstance(verdict, ValidSmsEvent):
+    if not isinstance(verdict, ValidEvent):
         return verdict.reason
     fields = record.fields()
     received = str(fields.get("received_at") or record.header("ce_time") or now)
     headers = SmsEventHeaders(record.header("ce_source") or DEFAULT_SOURCE).build(
-        verdict.event_id, verdict.date, received, record.key_label()
+        verdict.event_id, verdict.time, received, record.key_label()
     )
     headers.append((REDRIVEN_TIME, now.encode()))
     return Republished(record.where, verdict.event_id.encode(), body, headers)

@@ -21,15 +21,16 @@ from gateway.auth import AuthFailure
 from gateway.durability import DURABILITY_HEADER, DurableStore
 from gateway.metrics import GatewayMetrics
 from gateway.publisher import ProducerOptions, Publisher, PublishFailed
-from gateway.settings import GatewaySettings
-from onoff_events.cloudevents import SmsEventHeaders, rfc3339_now
+from gateway.settings import GatewaySettings, Route
+from onoff_events.cloudevents import EventHeaders, rfc3339_now
 from onoff_events.dlq import quarantine_message
+from onoff_events.event_kinds import SMS
 from onoff_events.logs import log_event
-from onoff_events.sms_event import SmsEventChecker, ValidSmsEvent
+from onoff_events.sms_event import EventChecker, ValidEvent
 
 log = logging.getLogger("gateway")
 
-WEBHOOK_PATH = "/v1/onoff/sms"
+WEBHOOK_PATH = SMS.path
 DEV_KEY_LABEL = "insecure-dev"
 
 
@@ -62,39 +63,54 @@ def _json(
     )
 
 
-class SmsWebhook:
-    """``POST /v1/onoff/sms``: authenticate, check, make durable, then answer."""
+@dataclass(slots=True)
+class InFlight:
+    """Webhook requests between entering and leaving receive(), over every route: plain ints,
+    as the event loop runs one handler at a time; the gauge reads them at scrape time."""
+
+    requests: int = 0
+    body_bytes: int = 0  # their bodies: Content-Length, or the limit when unknown
+
+
+class Webhook:
+    """``POST /v1/onoff/sms`` (or another kind's path): authenticate, check, make durable,
+    then answer. One per route; every route shares the in-flight bounds."""
 
     def __init__(
-        self, settings: GatewaySettings, metrics: GatewayMetrics, store: DurableStore
+        self,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        store: DurableStore,
+        route: Route,
+        in_flight: InFlight,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._store = store
-        self._checker = SmsEventChecker()
-        self._headers = SmsEventHeaders(settings.ce_source)
+        self._kind = route.kind
+        self._topic = route.topic
+        self._dlq_topic = route.dlq_topic
+        self._source = route.ce_source
+        self._checker = EventChecker(route.kind)
+        self._headers = EventHeaders(route.ce_source, route.kind)
         self._unavailable = {"Retry-After": str(settings.retry_after_seconds)}
-        # Requests between entering and leaving receive(): a plain int, as the event loop runs
-        # one handler at a time; the gauge reads it at scrape time, never on the request path.
-        self._in_flight = 0
-        self._in_flight_bytes = 0  # their bodies: Content-Length, or the limit when unknown
-        metrics.webhook_requests_in_flight.set_function(lambda: self._in_flight)
+        self._in_flight = in_flight
 
     async def receive(self, request: web.Request) -> web.Response:
-        settings = self._settings
+        settings, in_flight = self._settings, self._in_flight
         length = request.content_length
         size = settings.max_body_bytes if length is None else min(length, settings.max_body_bytes)
-        if self._in_flight >= settings.max_in_flight:
+        if in_flight.requests >= settings.max_in_flight:
             return self._refuse("in_flight_limit")
-        if self._in_flight_bytes + size > settings.max_in_flight_bytes:
+        if in_flight.body_bytes + size > settings.max_in_flight_bytes:
             return self._refuse("in_flight_bytes_limit")
-        self._in_flight += 1
-        self._in_flight_bytes += size
+        in_flight.requests += 1
+        in_flight.body_bytes += size
         try:
             return await self._receive(request)
         finally:
-            self._in_flight -= 1
-            self._in_flight_bytes -= size
+            in_flight.requests -= 1
+            in_flight.body_bytes -= size
 
     def _refuse(self, reason: str) -> web.Response:
         # Before the key check and without reading the body: the cheapest answer there is.
@@ -129,23 +145,21 @@ class SmsWebhook:
 
         verdict = self._checker.check(raw)
         try:
-            if isinstance(verdict, ValidSmsEvent):
+            if isinstance(verdict, ValidEvent):
                 durability = await self._store.make_durable(
-                    self._settings.topic,
+                    self._topic,
                     verdict.event_id.encode(),
                     raw,
-                    self._headers.build(verdict.event_id, verdict.date, received_at, label),
+                    self._headers.build(verdict.event_id, verdict.time, received_at, label),
                 )
-                self._metrics.count_accepted(label, durability)
+                self._metrics.count_accepted(self._kind.name, label, durability)
                 return web.Response(
                     body=_ACCEPTED, content_type="application/json", headers=_DURABLE_IN[durability]
                 )
             key, value, headers = quarantine_message(
-                verdict, received_at, label, self._settings.ce_source
+                verdict, received_at, label, self._source, self._kind
             )
-            durability = await self._store.make_durable(
-                self._settings.dlq_topic, key, value, headers
-            )
+            durability = await self._store.make_durable(self._dlq_topic, key, value, headers)
         except PublishFailed as exc:
             if exc.reason == "message_too_large":
                 # Kafka refuses the record for its size: a retry can never pass, so no 503.
@@ -159,12 +173,13 @@ class SmsWebhook:
                 self._unavailable,
             )
 
-        self._metrics.quarantined_events.labels(verdict.reason).inc()
+        self._metrics.quarantined_events.labels(self._kind.name, verdict.reason).inc()
         problems = [p.as_json() for p in verdict.problems]
         log_event(
             log,
             "quarantined",
             logging.WARNING,
+            kind=self._kind.name,
             reason=verdict.reason,
             problems=[f"{p['path']} {p['keyword']}" for p in problems],
         )
@@ -305,7 +320,7 @@ def build_app(
     )
     publisher = Publisher(
         settings.kafka,
-        (settings.topic, settings.dlq_topic),
+        [t for route in settings.routes for t in (route.topic, route.dlq_topic)],
         metrics,
         options,
         settings.record_bytes_needed,
@@ -336,8 +351,11 @@ def build_app(
         yield
         await store.close()
 
-    webhook = SmsWebhook(settings, metrics, store)
-    app.router.add_post(WEBHOOK_PATH, webhook.receive)
+    in_flight = InFlight()
+    metrics.webhook_requests_in_flight.set_function(lambda: in_flight.requests)
+    for route in settings.routes:
+        webhook = Webhook(settings, metrics, store, route, in_flight)
+        app.router.add_post(route.kind.path, webhook.receive)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -91,11 +91,11 @@ class GatewayMetrics:
             child = self._children[key] = self.publish_duration.labels(topic)
         child.observe(seconds)
 
-    def count_accepted(self, key_label: str, durability: str) -> None:
-        key = ("accepted", key_label, durability)
+    def count_accepted(self, kind: str, key_label: str, durability: str) -> None:
+        key = ("accepted", kind, key_label, durability)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.accepted_events.labels(key_label, durability)
+            child = self._children[key] = self.accepted_events.labels(kind, key_label, durability)
         child.inc()
 
     @classmethod
@@ -140,15 +140,17 @@ class GatewayMetrics:
             ),
             accepted_events=Counter(
                 p + "accepted_events",
-                "SMS events answered 200 on the events topic, by API key label and where they "
-                "were durable then: kafka (acks=all) or spool (fsynced to the local spool).",
-                ["key_label", "durability"],
+                "Events answered 200 on their kind's topic, by kind (sms, call), API key label "
+                "and where they were durable then: kafka (acks=all) or spool (fsynced to the "
+                "local spool).",
+                ["kind", "key_label", "durability"],
                 registry=registry,
             ),
             quarantined_events=Counter(
                 p + "quarantined_events",
-                "Webhook bodies recorded to the DLQ topic instead of the events topic, by reason.",
-                ["reason"],
+                "Webhook bodies recorded to their kind's DLQ topic instead of its events topic, "
+                "by kind (sms, call) and reason.",
+                ["kind", "reason"],
                 registry=registry,
             ),
             publish_duration=Histogram(

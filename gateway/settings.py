@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.auth import ApiKeys
 from onoff_events import settings as s
+from onoff_events.event_kinds import CALL, KINDS, SMS, EventKind
 from onoff_events.kafka import KafkaSettings
 
 # Onoff waits 10 s for an answer; a publish deadline at or past that would answer too late.
@@ -29,6 +30,16 @@ IN_FLIGHT_BODY_BUDGET_BYTES = 128 * 1024 * 1024
 # About a million SMS records of ~1 KiB (body and headers): 35 minutes of a Kafka outage at
 # 500 SMS/s. Size it to the outage to ride out, and the volume to it.
 SPOOL_MAX_BYTES = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One webhook the gateway serves: its event kind, and the topics and source it writes."""
+
+    kind: EventKind
+    topic: str
+    dlq_topic: str
+    ce_source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,8 @@ class GatewaySettings:
     compression_type: str
     kafka: KafkaSettings
     log_level: str
+    # The call webhook (/v1/onoff/cdr → call-events), when GATEWAY_EVENT_KINDS names it.
+    call_route: Route | None = None
     # The spool (docs/operations.md, "Durability"): off when spool_dir is None.
     spool_dir: Path | None = None
     spool_after_seconds: float = 2.0
@@ -77,6 +90,7 @@ class GatewaySettings:
                 "GATEWAY_INSECURE_DEV_NO_AUTH: cannot be combined with GATEWAY_API_KEYS"
             )
         topic = s.text(env, "KAFKA_TOPIC", "sms-events")
+        call_route = _call_route(env)
         publish_timeout = s.number(
             env, "GATEWAY_PUBLISH_TIMEOUT_SECONDS", 5.0, float, minimum=0.1, maximum=9.0
         )
@@ -134,6 +148,7 @@ class GatewaySettings:
             compression_type=s.choice(env, "KAFKA_COMPRESSION_TYPE", "none", COMPRESSION_TYPES),
             kafka=KafkaSettings.from_env(env, client_id="onoff-gateway"),
             log_level=s.log_level(env),
+            call_route=call_route,
             spool_dir=Path(spool_dir) if spool_dir else None,
             # Kafka answers in a few ms when it is well; this long without its ack, the record
             # goes to the spool instead, well inside Onoff's 10 s.
@@ -161,17 +176,24 @@ class GatewaySettings:
         )
 
     @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every webhook served: the SMS one, then the call one when enabled."""
+        sms = Route(SMS, self.topic, self.dlq_topic, self.ce_source)
+        return (sms,) if self.call_route is None else (sms, self.call_route)
+
+    @property
     def record_bytes_needed(self) -> dict[str, int]:
         """The largest record the gateway may write to each topic, in bytes.
 
-        The events topic gets the body as it came; the DLQ gets a body that is not a JSON
+        An events topic gets the body as it came; a DLQ gets a body that is not a JSON
         object as base64 inside a JSON record: 4 bytes for every 3.
         """
         base64_body = 4 * -(-self.max_body_bytes // 3)
-        return {
-            self.topic: self.max_body_bytes + RECORD_OVERHEAD_BYTES,
-            self.dlq_topic: base64_body + RECORD_OVERHEAD_BYTES,
-        }
+        needed: dict[str, int] = {}
+        for route in self.routes:
+            needed[route.topic] = self.max_body_bytes + RECORD_OVERHEAD_BYTES
+            needed[route.dlq_topic] = base64_body + RECORD_OVERHEAD_BYTES
+        return needed
 
     @property
     def max_request_bytes(self) -> int:
@@ -198,6 +220,9 @@ class GatewaySettings:
             "topic": self.topic,
             "dlq_topic": self.dlq_topic,
             "ce_source": self.ce_source,
+            "event_kinds": [r.kind.name for r in self.routes],
+            "call_topic": self.call_route.topic if self.call_route else None,
+            "call_dlq_topic": self.call_route.dlq_topic if self.call_route else None,
             "linger_ms": self.linger_ms,
             "compression_type": self.compression_type,
             "kafka": self.kafka.describe(),
@@ -207,3 +232,29 @@ class GatewaySettings:
             "spool_max_bytes": self.spool_max_bytes,
             "spool_drain_seconds": self.spool_drain_seconds,
         }
+
+
+def _call_route(env: Mapping[str, str]) -> Route | None:
+    """The call webhook's route when ``GATEWAY_EVENT_KINDS`` names ``call``.
+
+    Off by default: it needs its topics (``call-events``, ``call-events.dlq``) and the
+    gateway's write ACL on them, and a gateway missing a topic it writes is unready, so an
+    upgrade that turned it on by itself would stop the SMS webhook too.
+    """
+    names = [n.strip() for n in s.text(env, "GATEWAY_EVENT_KINDS", SMS.name).split(",")]
+    known = {k.name for k in KINDS}
+    unknown = sorted(set(names) - known)
+    if unknown or SMS.name not in names:
+        raise s.SettingsError(
+            f"GATEWAY_EVENT_KINDS: a comma-separated list of {sorted(known)} including "
+            f"{SMS.name!r}, got {env.get('GATEWAY_EVENT_KINDS')!r}"
+        )
+    if CALL.name not in names:
+        return None
+    topic = s.text(env, "KAFKA_CALL_TOPIC", CALL.topic)
+    return Route(
+        CALL,
+        topic,
+        s.text(env, "KAFKA_CALL_DLQ_TOPIC", f"{topic}.dlq"),
+        s.text(env, "GATEWAY_CALL_CE_SOURCE", f"/onoff-events/gateway{CALL.path}"),
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from onoff_events.event_kinds import SMS, EventKind
+
 SPEC_VERSION = "1.0"
-SMS_EVENT_TYPE = "com.onoff.business.sms.v1"
+SMS_EVENT_TYPE = SMS.ce_type
 """``ce_type``: reverse-DNS name of the event and its contract version (bumped on a break)."""
-SMS_DATASCHEMA = "https://onoff-events.dev/schemas/onoff-sms-event.schema.json"
+SMS_DATASCHEMA = SMS.dataschema
 RECEIVED_TIME = "ce_receivedtime"
 """Extension attribute: when the gateway received the webhook (RFC 3339, UTC, milliseconds)."""
 KEY_LABEL = "ce_keylabel"
@@ -48,23 +50,32 @@ def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class SmsEventHeaders:
-    """Builds the headers of one ``sms-events`` record; the constant ones are encoded once."""
+class EventHeaders:
+    """Builds the headers of one record of an event kind's topic (``sms-events``,
+    ``call-events``); the constant ones are encoded once."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, kind: EventKind = SMS) -> None:
         self._constant: Headers = [
             ("ce_specversion", SPEC_VERSION.encode()),
             ("ce_source", source.encode()),
-            ("ce_type", SMS_EVENT_TYPE.encode()),
-            ("ce_dataschema", SMS_DATASCHEMA.encode()),
+            ("ce_type", kind.ce_type.encode()),
+            ("ce_dataschema", kind.dataschema.encode()),
             ("content-type", b"application/json"),
         ]
 
-    def build(self, event_id: str, event_time: str, received_time: str, key_label: str) -> Headers:
+    def build(
+        self, event_id: str, event_time: str | None, received_time: str, key_label: str
+    ) -> Headers:
+        """``ce_time`` is the event's own time, or the receive time when it has none (a call
+        without ``callStarted``)."""
         return [
             ("ce_id", event_id.encode()),
-            ("ce_time", event_time.encode()),
+            ("ce_time", (event_time or received_time).encode()),
             *self._constant,
             (RECEIVED_TIME, received_time.encode()),
             (KEY_LABEL, key_label.encode()),
         ]
+
+
+SmsEventHeaders = EventHeaders
+"""The SMS kind's headers (EventHeaders' default kind)."""

@@ -1,4 +1,5 @@
-"""Records of the DLQ topic (``sms-events.dlq``), built as pure functions.
+"""Records of the gateway's DLQ topics (``sms-events.dlq``, ``call-events.dlq``), built as
+pure functions.
 
 The record's shape is ``schemas/dlq-record.schema.json``. The value keeps what Onoff sent (the
 parsed object, or the raw bytes in base64 when it is not a JSON object or cannot be written
@@ -16,9 +17,10 @@ from typing import Any
 import orjson
 
 from onoff_events.cloudevents import SPEC_VERSION, Headers
+from onoff_events.event_kinds import SMS, EventKind
 from onoff_events.sms_event import Quarantined
 
-QUARANTINE_EVENT_TYPE = "com.onoff.business.sms.quarantined.v1"
+QUARANTINE_EVENT_TYPE = SMS.quarantine_type
 
 # Room for the record's own fields (reasons, ids, labels) beyond the body: with a payload
 # larger than the body in base64 plus this, the record keeps the raw bytes instead. Well under
@@ -48,7 +50,7 @@ def quarantine_record(
 
 
 def quarantine_message(
-    verdict: Quarantined, received_at: str, key_label: str, source: str
+    verdict: Quarantined, received_at: str, key_label: str, source: str, kind: EventKind = SMS
 ) -> tuple[bytes | None, bytes, Headers]:
     """Key, value and CloudEvents headers of the DLQ record for ``verdict``.
 
@@ -78,7 +80,7 @@ def quarantine_message(
         ("ce_specversion", SPEC_VERSION.encode()),
         ("ce_id", uuid.uuid4().hex.encode()),
         ("ce_source", source.encode()),
-        ("ce_type", QUARANTINE_EVENT_TYPE.encode()),
+        ("ce_type", kind.quarantine_type.encode()),
         ("ce_time", received_at.encode()),
         ("content-type", b"application/json"),
         ("ce_keylabel", key_label.encode()),

@@ -11,6 +11,7 @@ import jsonschema_rs
 import orjson
 
 SMS_EVENT = "onoff-sms-event.schema.json"
+CALL_EVENT = "onoff-call-event.schema.json"
 DLQ_RECORD = "dlq-record.schema.json"
 SINK_DLQ_RECORD = "sink-dlq-record.schema.json"
 

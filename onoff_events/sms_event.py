@@ -1,8 +1,11 @@
-"""The SMS event contract as pure functions: bytes in, a verdict out. No I/O, no event loop.
+"""The webhook event contract as pure functions: bytes in, a verdict out. No I/O, no event
+loop. One checker per event kind (onoff_events/event_kinds.py: the SMS, the call); the module
+keeps its first kind's name.
 
-An event is either *valid* (it goes to ``sms-events``) or *quarantined* with the reasons
-(it goes to ``sms-events.dlq``). Reasons never echo a value from the body: bodies, numbers
-and e-mails are personal data and these reasons reach logs, HTTP answers and the DLQ.
+An event is either *valid* (it goes to its topic, ``sms-events``) or *quarantined* with the
+reasons (it goes to the topic's DLQ, ``sms-events.dlq``). Reasons never echo a value from the
+body: bodies, numbers and e-mails are personal data and these reasons reach logs, HTTP answers
+and the DLQ.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import orjson
 
 from onoff_events import schemas
 from onoff_events.cloudevents import parse_rfc3339
+from onoff_events.event_kinds import SMS, EventKind
 
 QuarantineReason = Literal["invalid_json", "not_object", "schema_violation"]
 
@@ -33,19 +37,20 @@ class SchemaProblem:
         return {"path": self.path, "keyword": self.keyword, "message": self.message}
 
 
-class ValidSmsEvent(NamedTuple):
-    """A body that meets the schema. ``raw`` is forwarded to Kafka byte for byte. (A named
-    tuple: one is built per request, and a frozen dataclass takes five times as long.)
+class ValidEvent(NamedTuple):
+    """A body that meets its kind's schema. ``raw`` is forwarded to Kafka byte for byte. (A
+    named tuple: one is built per request, and a frozen dataclass takes five times as long.)
 
-    ``sent_at`` is ``date`` parsed, with its own offset; it always converts to UTC (the
-    checker refuses a date that does not), so every sink can use it as it is.
+    ``time`` is the kind's time field as sent (an SMS's ``date``, a call's ``callStarted``),
+    None when a call has none; ``at`` is it parsed, with its own offset. It always converts
+    to UTC (the checker refuses a time that does not), so every sink can use it as it is.
     """
 
     event_id: str
-    date: str
+    time: str | None
     raw: bytes
     payload: dict[str, Any]
-    sent_at: datetime
+    at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +64,20 @@ class Quarantined:
     raw: bytes
 
 
-SmsEventVerdict = ValidSmsEvent | Quarantined
+EventVerdict = ValidEvent | Quarantined
 
 
-class SmsEventChecker:
-    """Checks webhook bodies against ``schemas/onoff-sms-event.schema.json``."""
+class EventChecker:
+    """Checks webhook bodies of one kind against its schema (``schemas/``)."""
 
-    def __init__(self, schema: dict[str, Any] | None = None) -> None:
-        self._schema = schema if schema is not None else schemas.load(schemas.SMS_EVENT)
+    def __init__(self, kind: EventKind = SMS, schema: dict[str, Any] | None = None) -> None:
+        self._schema = schema if schema is not None else schemas.load(kind.schema)
         self._validator = jsonschema_rs.Draft202012Validator(self._schema, validate_formats=True)
+        self._time_field = kind.time_field
+        self._other_times = kind.other_time_fields
+        self._undescribed = SchemaProblem(
+            "", "schema", f"breaks {kind.schema} (nested too deeply to say where)"
+        )
         # With only these keywords at the top, a property the schema does not name can never
         # be the cause of a problem: bodies are described from the properties it names.
         top_level_only = set(self._schema) <= _KNOWN_ONLY_KEYWORDS
@@ -77,7 +87,7 @@ class SmsEventChecker:
             else None
         )
 
-    def check(self, raw: bytes) -> SmsEventVerdict:
+    def check(self, raw: bytes) -> EventVerdict:
         """Parse and validate one body."""
         try:
             document = orjson.loads(raw)
@@ -94,20 +104,33 @@ class SmsEventChecker:
         # The common case costs one compiled validation and one date parse; errors are
         # described only when present.
         if self._validator.is_valid(document):
-            date: str = document["date"]
-            sent_at = _utc_convertible(date)
-            if sent_at is not None:
-                return ValidSmsEvent(document["id"], date, raw, document, sent_at)
             # The schema's date-time format admits years 0000-9999 with any offset; a sink
             # needs a UTC instant (years 0001-9999). Refusing it here, where Onoff gets an
             # answer, is what keeps one such event from being dead-lettered by every sink.
-            return Quarantined(
-                "schema_violation", (_DATE_OUT_OF_RANGE,), document["id"], document, raw
-            )
+            time = document.get(self._time_field)
+            at = None
+            if isinstance(time, str):
+                at = _utc_convertible(time)
+                if at is None:
+                    return self._out_of_range(self._time_field, document, raw)
+            else:
+                time = None  # a call without a start time: the record takes the receive time
+            for field in self._other_times:
+                if _unconvertible(document.get(field)):
+                    return self._out_of_range(field, document, raw)
+            return ValidEvent(document["id"], time, raw, document, at)
         problems = tuple(self._describe(document))
         id_ok = not any(p.path == "/id" for p in problems)
         event_id = document.get("id") if id_ok and isinstance(document.get("id"), str) else None
         return Quarantined("schema_violation", problems, event_id, document, raw)
+
+    def _out_of_range(self, field: str, document: dict[str, Any], raw: bytes) -> Quarantined:
+        problem = SchemaProblem(
+            f"/{field}",
+            "format",
+            "must be an RFC 3339 date-time between years 0001 and 9999 in UTC",
+        )
+        return Quarantined("schema_violation", (problem,), document["id"], document, raw)
 
     def _describe(self, document: dict[str, Any]) -> list[SchemaProblem]:
         """The problems of an invalid document; never raises.
@@ -126,7 +149,7 @@ class SmsEventChecker:
                 continue
             if problems:
                 return problems
-        return [_UNDESCRIBED]
+        return [self._undescribed]
 
     def _described_parts(self, document: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """What to describe, cheapest first; each built only when the one before failed."""
@@ -172,12 +195,11 @@ _KNOWN_ONLY_KEYWORDS = frozenset(
     }
 )
 
-_DATE_OUT_OF_RANGE = SchemaProblem(
-    "/date", "format", "must be an RFC 3339 date-time between years 0001 and 9999 in UTC"
-)
-_UNDESCRIBED = SchemaProblem(
-    "", "schema", "breaks onoff-sms-event.schema.json (nested too deeply to say where)"
-)
+
+def _unconvertible(value: Any) -> bool:
+    """A date-time text with no UTC instant (absent, null and other types are the schema's
+    concern)."""
+    return isinstance(value, str) and _utc_convertible(value) is None
 
 
 def _utc_convertible(date: str) -> datetime | None:

@@ -39,6 +39,8 @@ export GATEWAY_PORT=${GATEWAY_PORT:-8080}
 # The spool: a webhook Kafka cannot take within 2 s is fsynced here and answered 200, then
 # replayed into Kafka (README, "Durability"). GATEWAY_SPOOL_DIR= (empty) turns it off.
 export GATEWAY_SPOOL_DIR=${GATEWAY_SPOOL_DIR-.data/spool}
+# Both webhooks: SMS (/v1/onoff/sms -> sms-events) and calls (/v1/onoff/cdr -> call-events).
+export GATEWAY_EVENT_KINDS=${GATEWAY_EVENT_KINDS:-sms,call}
 key=${GATEWAY_API_KEYS#*:}; key=${key%%,*}
 
 cat >&2 <<MSG
@@ -49,6 +51,12 @@ run: send Onoff's sample SMS event with:
 curl -i http://127.0.0.1:$GATEWAY_PORT/v1/onoff/sms \\
   -H 'Authorization: x-api-key $key' -H 'Content-Type: application/json' \\
   -d '{"id":"12345","eventName":"SMS","onoffUserName":"John Doe","onoffUserEmail":"john.doe@example.com","onoffUserNumber":"1234567890","externalNumber":"0987654321","externalName":"John Smith","externalEmail":"smith@example.com","date":"2023-05-20T14:30:00Z","smsDirection":"SENT","body":"This is the body of the SMS"}'
+
+run: and a sample call log (CDR) with:
+
+curl -i http://127.0.0.1:$GATEWAY_PORT/v1/onoff/cdr \\
+  -H 'Authorization: x-api-key $key' -H 'Content-Type: application/json' \\
+  -d '{"id":"67890","eventName":"CDR","onoffUserName":"John Doe","onoffUserEmail":"john.doe@example.com","onoffUserNumber":"1234567890","externalNumber":"0987654321","externalName":"John Smith","externalEmail":"smith@example.com","callStarted":"2023-05-20T14:30:00Z","callEnded":"2023-05-20T14:32:05Z","callDuration":125,"callDirection":"INCOMING","callStatus":"ANSWERED","callNotes":null,"tags":[{"tagId":"t1","tagName":"Support","tagColor":"#2E86DE"}]}'
 
 MSG
 

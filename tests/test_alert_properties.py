@@ -3,7 +3,7 @@
 Generated from the fields of schemas/onoff-sms-event.schema.json: dates over the whole
 0001..9999 range with any offset (the edges included, where converting to UTC overflows),
 any Unicode in the text fields, unknown extra fields. An event that does not pass
-``SmsEventChecker`` is discarded (the gateway never forwards it); every other one goes
+``EventChecker`` is discarded (the gateway never forwards it); every other one goes
 through the alerts sink's ``deliver`` with rules of every kind firing, and the payload of
 each target (Alertmanager, Slack, PagerDuty, log) must build and serialise with orjson.
 """

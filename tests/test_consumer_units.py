@@ -29,7 +29,7 @@ from consumers.settings import ConsumerSettings
 from consumers.sinks.crm import communication_body, hubspot_timestamp
 from consumers.sinks.warehouse import COLUMNS, _duck_row, _split, warehouse_row
 from onoff_events.cloudevents import SmsEventHeaders
-from onoff_events.sms_event import SmsEventChecker, ValidSmsEvent
+from onoff_events.sms_event import EventChecker, ValidEvent
 from tests.payloads import sms_event
 
 
@@ -301,7 +301,7 @@ def test_every_date_the_gateway_accepts_is_read_by_consumers_in_utc(
     if lower:
         text = text.lower()
     raw = orjson.dumps(sms_event(date=text))
-    accepted = isinstance(SmsEventChecker().check(raw), ValidSmsEvent)
+    accepted = isinstance(EventChecker().check(raw), ValidEvent)
     decoded = RecordDecoder().decode(kafka_record(raw))
     note(f"{text} accepted={accepted}")
     event("accepted" if accepted else "refused")

@@ -47,6 +47,7 @@ from consumers.settings import ConsumerSettings
 from consumers.sinks import SINKS
 from gateway.app import build_app
 from gateway.settings import GatewaySettings
+from onoff_events.event_kinds import KINDS
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -713,7 +714,7 @@ def test_gateway_is_highly_available_in_prod(rendered: dict[str, list[dict[str, 
     ingress = _named(docs, "Ingress", "onoff-gateway")
     assert ingress["spec"]["tls"][0]["hosts"] == [r["host"] for r in ingress["spec"]["rules"]]
     paths = [p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
-    assert paths == ["/v1/onoff/sms"], "only the webhook is public, never /metrics"
+    assert paths == [k.path for k in KINDS], "only the webhooks are public, never /metrics"
 
 
 def _partitions(docs: list[dict[str, Any]], topic: str) -> int:
@@ -745,7 +746,8 @@ def test_topics_users_and_acls_match_what_the_services_use(
             user = w.env["KAFKA_SASL_USERNAME"]
             if w.command == ["onoff-gateway"]:
                 gateway = GatewaySettings.from_env(w.env)
-                writes, reads, group = {gateway.topic, gateway.dlq_topic}, set(), None
+                writes = {t for r in gateway.routes for t in (r.topic, r.dlq_topic)}
+                reads, group = set(), None
             else:
                 consumer = ConsumerSettings.from_env(w.command[1], w.env)
                 writes, reads, group = {consumer.dlq_topic}, {consumer.topic}, consumer.group_id
@@ -792,9 +794,13 @@ def test_prod_topics_are_durable(rendered: dict[str, list[dict[str, Any]]]) -> N
     """Prod: 3 replicas, min.insync.replicas 2, a retention, and at least 12 partitions on
     the events topic; a DLQ topic for the gateway and for every sink."""
     topics = {t["spec"]["topicName"]: t["spec"] for t in _of_kind(rendered["prod"], "KafkaTopic")}
-    assert set(topics) == {"sms-events", "sms-events.dlq", "sms-events.redriven"} | {
-        f"sms-events.{sink}.dlq" for sink in SINK_NAMES
-    }
+    assert set(topics) == {
+        "sms-events",
+        "sms-events.dlq",
+        "sms-events.redriven",
+        "call-events",
+        "call-events.dlq",
+    } | {f"sms-events.{sink}.dlq" for sink in SINK_NAMES}
     assert topics["sms-events"]["partitions"] >= 12
     for name, spec in topics.items():
         assert spec["replicas"] == 3, name

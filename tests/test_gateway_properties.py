@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from consumers.records import RecordDecoder, SmsRecord
 from onoff_events import schemas
 from onoff_events.dlq import quarantine_message
-from onoff_events.sms_event import Quarantined, SmsEventChecker, ValidSmsEvent
+from onoff_events.sms_event import EventChecker, Quarantined, ValidEvent
 from tests.conftest import ROTATED_KEY, TEST_KEY, RunningGateway, Topics, gateway_env
 from tests.kafka_reader import read_records
 from tests.live_gateway import GatewayThread, fresh_topics, read_topic
@@ -32,7 +32,7 @@ from tests.payloads import ONOFF_SAMPLE, sms_body, sms_event
 
 WEBHOOK = "/v1/onoff/sms"
 RECEIVED_AT = "2024-01-01T00:00:00.000Z"
-CHECKER = SmsEventChecker()
+CHECKER = EventChecker()
 DECODER = RecordDecoder()
 DLQ_RECORD = schemas.validator(schemas.DLQ_RECORD)
 OPENAPI: dict[str, Any] = orjson.loads(
@@ -289,8 +289,8 @@ def test_any_body_gets_a_verdict_and_a_quarantined_one_a_dlq_record_of_its_schem
     """check() and quarantine_message() never raise; a valid event decodes in the consumers
     (one definition of valid); a DLQ record matches its schema and gives the body back."""
     verdict = CHECKER.check(raw)
-    if isinstance(verdict, ValidSmsEvent):
-        assert verdict.sent_at.astimezone(UTC).tzinfo is UTC
+    if isinstance(verdict, ValidEvent):
+        assert verdict.at.astimezone(UTC).tzinfo is UTC
         decoded = DECODER.decode(_Record(verdict.event_id.encode(), raw, []))
         assert isinstance(decoded, SmsRecord), decoded
         return

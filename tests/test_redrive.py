@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from consumers.redrive import DlqRecord, Filters, original_body, recheck, replay_sources
 from onoff_events.kafka import KafkaSettings, ensure_topics
-from onoff_events.sms_event import SmsEventChecker
+from onoff_events.sms_event import EventChecker
 from tests.conftest import ROOT, TEST_KEY, gateway_env, wait_until
 from tests.consumer_harness import ConsumerProcess, InProcessConsumer, consumer_env
 from tests.fakes.hubspot import DEFAULT_TOKEN, FakeHubSpot
@@ -70,7 +70,7 @@ def test_kept_bytes_are_re_driven_byte_for_byte(raw: bytes) -> None:
 @given(st.binary(max_size=200))
 def test_any_dlq_value_gets_a_verdict_never_an_exception(value: bytes) -> None:
     record = DlqRecord("sms-events.dlq", 0, 0, 0, None, value, [])
-    verdict = recheck(record, SmsEventChecker(), "2026-11-27T00:00:00.000Z")
+    verdict = recheck(record, EventChecker(), "2026-11-27T00:00:00.000Z")
     assert isinstance(verdict, str)  # random bytes never become a valid SMS event
     assert replay_sources([record], "sms-events") == {}
 
@@ -88,7 +88,7 @@ def test_a_record_that_passes_now_keeps_its_id_label_and_receive_time() -> None:
         offset=42,
         headers=[("ce_source", b"/somewhere")],
     )
-    moved = recheck(record, SmsEventChecker(), "2026-11-27T00:00:00.000Z")
+    moved = recheck(record, EventChecker(), "2026-11-27T00:00:00.000Z")
     assert not isinstance(moved, str)
     assert moved.key == event["id"].encode()
     assert moved.where == "sms-events.dlq:0:42"

@@ -7,8 +7,14 @@ import orjson
 from openapi_spec_validator import validate as validate_openapi
 
 from onoff_events import schemas
+from onoff_events.event_kinds import KINDS
 
-SCHEMA_FILES = [schemas.SMS_EVENT, schemas.DLQ_RECORD, schemas.SINK_DLQ_RECORD]
+SCHEMA_FILES = [
+    schemas.SMS_EVENT,
+    schemas.CALL_EVENT,
+    schemas.DLQ_RECORD,
+    schemas.SINK_DLQ_RECORD,
+]
 
 
 def test_every_json_schema_is_valid_2020_12() -> None:
@@ -23,8 +29,9 @@ def test_openapi_document_is_valid_3_1_and_references_the_schema_files() -> None
     assert document["openapi"].startswith("3.1")
     validate_openapi(document)
     paths = document["paths"]
-    assert set(paths) == {"/v1/onoff/sms", "/healthz", "/readyz", "/metrics"}
-    answers = paths["/v1/onoff/sms"]["post"]["responses"]
-    assert set(answers) == {"200", "400", "401", "408", "413", "503"}
-    body = paths["/v1/onoff/sms"]["post"]["requestBody"]["content"]["application/json"]
-    assert body["schema"]["$ref"] == "onoff-sms-event.schema.json"
+    assert set(paths) == {"/v1/onoff/sms", "/v1/onoff/cdr", "/healthz", "/readyz", "/metrics"}
+    for kind in KINDS:
+        answers = paths[kind.path]["post"]["responses"]
+        assert set(answers) == {"200", "400", "401", "408", "413", "503"}
+        body = paths[kind.path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["$ref"] == kind.schema

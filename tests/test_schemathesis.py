@@ -27,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from onoff_events import schemas
+from onoff_events.event_kinds import KINDS
 from tests.conftest import TEST_KEY, Topics, gateway_env
 from tests.live_gateway import GatewayThread, fresh_topics
 
@@ -52,14 +53,22 @@ OPERATIONS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def live_gateway(kafka_bootstrap: str) -> Iterator[tuple[GatewayThread, Topics]]:
-    topics = fresh_topics(kafka_bootstrap)
-    with GatewayThread(gateway_env(kafka_bootstrap, topics)) as gateway:
+    """Both webhooks on, each kind with topics of its own."""
+    topics, calls = fresh_topics(kafka_bootstrap), fresh_topics(kafka_bootstrap)
+    env = gateway_env(
+        kafka_bootstrap,
+        topics,
+        GATEWAY_EVENT_KINDS="sms,call",
+        KAFKA_CALL_TOPIC=calls.events,
+        KAFKA_CALL_DLQ_TOPIC=calls.dlq,
+    )
+    with GatewayThread(env) as gateway:
         yield gateway, topics
 
 
 # Generating data outside the schema needs something to break: only the webhook takes input.
 RUNS = [(label, schemathesis.GenerationMode.POSITIVE) for label in sorted(OPERATIONS)] + [
-    ("POST /v1/onoff/sms", schemathesis.GenerationMode.NEGATIVE)
+    (f"POST {kind.path}", schemathesis.GenerationMode.NEGATIVE) for kind in KINDS
 ]
 
 

@@ -12,15 +12,15 @@ import pytest
 from onoff_events import schemas
 from onoff_events.cloudevents import SmsEventHeaders
 from onoff_events.dlq import quarantine_message, quarantine_record
-from onoff_events.sms_event import Quarantined, SmsEventChecker, ValidSmsEvent
+from onoff_events.sms_event import EventChecker, Quarantined, ValidEvent
 from tests.payloads import ONOFF_SAMPLE, sms_event
 
-CHECKER = SmsEventChecker()
+CHECKER = EventChecker()
 
 
 def test_onoff_sample_is_valid_and_kept_byte_for_byte() -> None:
     verdict = CHECKER.check(ONOFF_SAMPLE)
-    assert verdict == ValidSmsEvent(
+    assert verdict == ValidEvent(
         "12345",
         "2023-05-20T14:30:00Z",
         ONOFF_SAMPLE,
@@ -40,13 +40,13 @@ def test_onoff_sample_is_valid_and_kept_byte_for_byte() -> None:
     ids=["optional-null", "unknown-fields", "received-empty-body", "offset-and-fraction"],
 )
 def test_valid_variants(change: dict[str, Any]) -> None:
-    assert isinstance(CHECKER.check(orjson.dumps(sms_event(**change))), ValidSmsEvent)
+    assert isinstance(CHECKER.check(orjson.dumps(sms_event(**change))), ValidEvent)
 
 
 def test_optional_contact_fields_may_be_absent() -> None:
     event = sms_event()
     del event["externalName"], event["externalEmail"]
-    assert isinstance(CHECKER.check(orjson.dumps(event)), ValidSmsEvent)
+    assert isinstance(CHECKER.check(orjson.dumps(event)), ValidEvent)
 
 
 @pytest.mark.parametrize(
@@ -158,10 +158,10 @@ def test_a_valid_event_carries_its_send_time_and_it_converts_to_utc(date: str) -
     """The edges that still convert stay valid; the verdict carries the parsed time, so a
     consumer never parses the date a second time (and cannot disagree with the gateway)."""
     verdict = CHECKER.check(orjson.dumps(sms_event(date=date)))
-    assert isinstance(verdict, ValidSmsEvent)
-    assert verdict.date == date
-    assert verdict.sent_at.tzinfo is not None
-    assert verdict.sent_at.astimezone(UTC).tzinfo is UTC
+    assert isinstance(verdict, ValidEvent)
+    assert verdict.time == date
+    assert verdict.at.tzinfo is not None
+    assert verdict.at.astimezone(UTC).tzinfo is UTC
 
 
 def _nested(depth: int, field: str = "x") -> bytes:
@@ -216,5 +216,5 @@ def test_the_problems_of_a_deep_object_are_those_of_its_shallow_twin(
     assert deep.problems == twin.problems
     assert ("/smsDirection", "enum") in {(p.path, p.keyword) for p in deep.problems}
     # A checker whose schema may care about any property describes the whole body: the same.
-    whole = SmsEventChecker({**schemas.load(schemas.SMS_EVENT), "$comment": "any keyword"})
+    whole = EventChecker(schema={**schemas.load(schemas.SMS_EVENT), "$comment": "any keyword"})
     assert whole.check(head + b"[]}") == twin
