@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ConsumerSettings.from_env(name, os.environ)
         if args.replay_from is not None and args.dry_run:
             return _replay(replay_settings(settings), None, args.replay_from, args.until)
-        sink = SINKS[name](os.environ, registry)
+        sink = _sink(settings, registry)
         # One namespace per consumer group: each group delivers each id once to its sink. A
         # replay marks what it delivers in the live group's namespace.
         dedupe = dedupe_from_url(
@@ -109,6 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     GCCollector(registry=registry)
     tune_garbage_collector()
     return _run(serve(settings, sink, dedupe, registry))
+
+
+def _sink(settings: ConsumerSettings, registry: CollectorRegistry) -> Sink:
+    """The service's sink, if it delivers the service's event kind."""
+    sink = SINKS[settings.sink](os.environ, registry)
+    kinds = getattr(sink, "event_kinds", frozenset({"sms"}))
+    if settings.kind.name not in kinds:
+        raise SinkConfigError(
+            f"CONSUMER_EVENT_KIND: the {settings.sink} sink delivers "
+            f"{', '.join(sorted(kinds))} events, not {settings.kind.name}"
+        )
+    return sink
 
 
 def _replay(

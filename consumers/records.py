@@ -1,4 +1,5 @@
-"""Kafka records of ``sms-events`` decoded for sinks, as pure functions."""
+"""Kafka records of an event kind's topic (``sms-events``, ``call-events``) decoded for sinks,
+as pure functions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from onoff_events.cloudevents import RECEIVED_TIME, parse_rfc3339
+from onoff_events.event_kinds import CALL, SMS, EventKind
 from onoff_events.sms_event import EventChecker, Quarantined
 
 
@@ -24,6 +26,26 @@ class SmsRecord(NamedTuple):
     topic: str
     partition: int
     offset: int
+
+
+class CallRecord(NamedTuple):
+    """One call event (a call log, voicemail or recording) as read from ``call-events``.
+    ``started_at``/``ended_at`` are ``callStarted``/``callEnded`` parsed (None when absent);
+    each converts to UTC (the checker refuses one that does not)."""
+
+    event_id: str
+    payload: dict[str, Any]
+    raw: bytes
+    started_at: datetime | None
+    ended_at: datetime | None
+    received_at: datetime | None
+    topic: str
+    partition: int
+    offset: int
+
+
+EventRecord = SmsRecord | CallRecord
+"""What a sink receives: the runner only reads what both have (id, raw, payload, where)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,17 +65,18 @@ class RecordDecoder:
     """Checks each value against the same schema file as the gateway: the topic may have
     other writers (a replay tool, a test), and a sink must never see a malformed event."""
 
-    def __init__(self) -> None:
-        self._checker = EventChecker()
+    def __init__(self, kind: EventKind = SMS) -> None:
+        self._kind = kind
+        self._checker = EventChecker(kind)
 
-    def decode(self, record: Any) -> SmsRecord | PoisonRecord:
+    def decode(self, record: Any) -> EventRecord | PoisonRecord:
         """Never raises: whatever the bytes, the answer is an event or a poison record."""
         try:
             return self._decode(record)
         except Exception as exc:  # noqa: BLE001 # a decoder bug must not stop the partition
             return _poison(record, "invalid_event", f"undecodable: {type(exc).__name__}")
 
-    def _decode(self, record: Any) -> SmsRecord | PoisonRecord:
+    def _decode(self, record: Any) -> EventRecord | PoisonRecord:
         value: bytes | None = record.value
         if value is None:
             return _poison(record, "invalid_event", "the record has no value (a tombstone)")
@@ -61,6 +84,20 @@ class RecordDecoder:
         if isinstance(verdict, Quarantined):
             problems = ", ".join(f"{p.path or '/'} {p.keyword}" for p in verdict.problems)
             return _poison(record, "invalid_event", f"{verdict.reason}: {problems}")
+        if self._kind is CALL:
+            ended = verdict.payload.get("callEnded")
+            return CallRecord(
+                event_id=verdict.event_id,
+                payload=verdict.payload,
+                raw=value,
+                started_at=verdict.at,
+                # The checker refused a callEnded with no UTC time: this parse succeeds.
+                ended_at=parse_rfc3339(ended) if isinstance(ended, str) else None,
+                received_at=_received_at(record.headers),
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
         # The checker parsed the date once and refused one with no UTC time: the same
         # definition of valid as the gateway's, and no second parse per event.
         if verdict.at is None:  # the SMS schema requires a date: another kind's record
@@ -77,11 +114,13 @@ class RecordDecoder:
         )
 
 
-def first_of_each_id(records: Iterable[SmsRecord]) -> tuple[list[SmsRecord], list[SmsRecord]]:
+def first_of_each_id(
+    records: Iterable[EventRecord],
+) -> tuple[list[EventRecord], list[EventRecord]]:
     """Split a batch into the first record of each id and the later copies (duplicates)."""
     seen: set[str] = set()
-    unique: list[SmsRecord] = []
-    copies: list[SmsRecord] = []
+    unique: list[EventRecord] = []
+    copies: list[EventRecord] = []
     for record in records:
         if record.event_id in seen:
             copies.append(record)

@@ -35,7 +35,13 @@ from consumers.policy import (
     unexpected_reason,
     where_raised,
 )
-from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, first_of_each_id, next_offsets
+from consumers.records import (
+    EventRecord,
+    PoisonRecord,
+    RecordDecoder,
+    first_of_each_id,
+    next_offsets,
+)
 from consumers.settings import ConsumerSettings
 from consumers.sinks import Delivery, Sink, TransientSinkError
 from onoff_events.cloudevents import rfc3339_now
@@ -53,7 +59,7 @@ class _Fetched:
     """One ``getmany`` and its records decoded, with the rebalance epoch it was read in."""
 
     records: list[Any]
-    decoded: list[SmsRecord | PoisonRecord]
+    decoded: list[EventRecord | PoisonRecord]
     offsets: dict[tuple[str, int], int]  # to commit: one past the last record per partition
     epoch: int
 
@@ -85,7 +91,7 @@ class Runner:
         self._dedupe = dedupe
         self._m = metrics
         self._name = settings.sink
-        self._decoder = RecordDecoder()
+        self._decoder = RecordDecoder(settings.kind)
         # A sink whose result does not depend on batch order (every row keyed, nothing read
         # back: the warehouse) takes the next batch while the previous one finishes. The CRM
         # and alerts do depend on it (a contact created by one batch is found by the next).
@@ -354,7 +360,7 @@ class Runner:
         self._m.consumed.labels(self._name).inc(len(records))
         self._m.batch_size.labels(self._name).observe(len(records))
         poison = [d for d in decoded if isinstance(d, PoisonRecord)]
-        unique, copies = first_of_each_id(d for d in decoded if isinstance(d, SmsRecord))
+        unique, copies = first_of_each_id(d for d in decoded if not isinstance(d, PoisonRecord))
         ids = [e.event_id for e in unique]
 
         done = await self._until_done(lambda: self._dedupe.claim(ids), "dedupe")
@@ -373,7 +379,7 @@ class Runner:
         self._set_healthy(healthy=True)
 
     async def _deliver_claimed(
-        self, todo: Sequence[SmsRecord], poison: Sequence[PoisonRecord]
+        self, todo: Sequence[EventRecord], poison: Sequence[PoisonRecord]
     ) -> None:
         """Deliver the claimed events, dead-letter what the sink refused and the poison, and
         confirm the claims."""
@@ -409,7 +415,7 @@ class Runner:
         # Rejected events are handled too: a later copy must not be rejected again.
         await self._until_done(lambda: self._dedupe.confirm([e.event_id for e in todo]), "dedupe")
 
-    async def _deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+    async def _deliver(self, events: Sequence[EventRecord]) -> Delivery:
         """Deliver ``events``; an unexpected exception splits them in halves until the event
         that raises is alone, and that event alone is rejected (the policy's "permanent for
         one event"). Its batch-mates are delivered: a sink is idempotent by event id."""
@@ -579,7 +585,7 @@ class Runner:
 
     # --- the DLQ --------------------------------------------------------------------------
 
-    def _rejected_record(self, event: SmsRecord, reason: str) -> tuple[bytes | None, bytes]:
+    def _rejected_record(self, event: EventRecord, reason: str) -> tuple[bytes | None, bytes]:
         record: dict[str, Any] = {
             "dlq_version": 1,
             "stage": self._name,

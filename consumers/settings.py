@@ -11,12 +11,14 @@ from typing import Any
 
 from consumers.backoff import Backoff
 from onoff_events import settings as s
+from onoff_events.event_kinds import CALL, KINDS, SMS, EventKind
 from onoff_events.kafka import KafkaSettings
 
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSettings:
     sink: str
+    kind: EventKind
     group_id: str
     topic: str
     dlq_topic: str
@@ -38,10 +40,20 @@ class ConsumerSettings:
 
     @classmethod
     def from_env(cls, sink: str, env: Mapping[str, str]) -> ConsumerSettings:
-        topic = s.text(env, "KAFKA_TOPIC", "sms-events")
+        # One service per sink and event kind: its own topic, group, DLQ and dedupe namespace
+        # (an SMS and a call may share an id).
+        name = s.choice(env, "CONSUMER_EVENT_KIND", SMS.name, frozenset(k.name for k in KINDS))
+        kind = CALL if name == CALL.name else SMS
+        if kind is CALL:
+            topic = s.text(env, "KAFKA_CALL_TOPIC", CALL.topic)
+            group = f"onoff-{sink}-calls"
+        else:
+            topic = s.text(env, "KAFKA_TOPIC", SMS.topic)
+            group = f"onoff-{sink}"
         return cls(
             sink=sink,
-            group_id=s.text(env, "CONSUMER_GROUP", f"onoff-{sink}"),
+            kind=kind,
+            group_id=s.text(env, "CONSUMER_GROUP", group),
             topic=topic,
             dlq_topic=s.text(env, "CONSUMER_DLQ_TOPIC", f"{topic}.{sink}.dlq"),
             max_batch=s.number(env, "CONSUMER_MAX_BATCH", 500, int, minimum=1, maximum=10_000),
@@ -99,6 +111,7 @@ class ConsumerSettings:
         """As logged at start: the dedupe URL without its password or query-string secrets."""
         return {
             "sink": self.sink,
+            "kind": self.kind.name,
             "group_id": self.group_id,
             "topic": self.topic,
             "dlq_topic": self.dlq_topic,

@@ -31,6 +31,7 @@ def main() -> int:
     calls = s.text(env, "KAFKA_CALL_TOPIC", CALL.topic)
     wanted[calls] = partitions
     wanted[s.text(env, "KAFKA_CALL_DLQ_TOPIC", f"{calls}.dlq")] = 1
+    wanted.update({f"{calls}.{sink}.dlq": 1 for sink in sys.argv[1:]})
     # onoff-dlq redrive's ledger: which DLQ records were moved (compacted in production).
     wanted[s.text(env, "KAFKA_REDRIVEN_TOPIC", f"{topic}.redriven")] = 1
     created = asyncio.run(ensure_topics(kafka, wanted))

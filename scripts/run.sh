@@ -64,6 +64,12 @@ MSG
 pids+=($!)
 CONSUMER_PORT=8081 "$bin/python" -m consumers warehouse &
 pids+=($!)
+# Calls into onoff_calls: a service of their own (one per topic), and its own DuckDB file
+# (DuckDB takes one writer per file; with PostgreSQL both services share the database).
+CONSUMER_PORT=8084 CONSUMER_EVENT_KIND=call \
+  WAREHOUSE_URL=${WAREHOUSE_CALLS_URL:-${WAREHOUSE_URL:-duckdb:///.data/warehouse-calls.duckdb}} \
+  "$bin/python" -m consumers warehouse &
+pids+=($!)
 CONSUMER_PORT=8082 ALERT_RULES_FILE=${ALERT_RULES_FILE:-config/alert-rules.example.toml} \
   "$bin/python" -m consumers alerts &
 pids+=($!)
@@ -71,6 +77,6 @@ if [ -n "${HUBSPOT_TOKEN:-}" ]; then
   CONSUMER_PORT=8083 "$bin/python" -m consumers crm &
   pids+=($!)
 fi
-echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8082 (alerts)${HUBSPOT_TOKEN:+, :8083 (crm)}" >&2
+echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8084 (warehouse, calls), :8082 (alerts)${HUBSPOT_TOKEN:+, :8083 (crm)}" >&2
 # Wait for any service to end (Ctrl-C lands in the trap above).
 wait -n "${pids[@]}" || true

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client import CollectorRegistry
-
-from consumers.records import SmsRecord
 
 
 class TransientSinkError(Exception):
@@ -52,8 +50,9 @@ class Sink(Protocol):
     async def start(self) -> None:
         """Connect and prepare (create tables…); may raise TransientSinkError to be retried."""
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
-        """Deliver every event, idempotently by ``event_id``.
+    async def deliver(self, events: Sequence[Any]) -> Delivery:
+        """Deliver every event (``EventRecord``s of the service's kind: an SmsRecord or a
+        CallRecord), idempotently by ``event_id``.
 
         Name in the result the events the sink can never accept (they go to the sink's DLQ)
         and, for a sink that keys its own records, those it already held; raise

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
 from consumers.blocking import run_serialised
-from consumers.records import SmsRecord
+from consumers.records import CallRecord, EventRecord, SmsRecord
 from consumers.sinks import Delivery, SinkConfigError, TransientSinkError
 from onoff_events import settings as s
+from onoff_events.event_kinds import CALL
 
 COLUMNS = (
     "id", "event_name", "direction", "sent_at", "user_name", "user_email", "user_number",
@@ -59,6 +62,37 @@ POSTGRES_MIGRATIONS = (
     CREATE INDEX IF NOT EXISTS sms_events_external_number_idx
         ON {schema}.sms_events (external_number, sent_at);
     """,
+    """
+    CREATE TABLE IF NOT EXISTS {schema}.onoff_calls (
+        id                          text        PRIMARY KEY,
+        event_name                  text        NOT NULL,
+        direction                   text,
+        status                      text,
+        started_at                  timestamptz,
+        ended_at                    timestamptz,
+        duration_seconds            double precision,
+        user_name                   text,
+        user_email                  text,
+        user_number                 text,
+        external_number             text,
+        external_name               text,
+        external_email              text,
+        notes                       text,
+        voicemail_url               text,
+        voicemail_duration_seconds  double precision,
+        recording_url               text,
+        tags                        jsonb,
+        payload                     jsonb       NOT NULL,
+        kafka_topic                 text        NOT NULL,
+        kafka_partition             integer     NOT NULL,
+        kafka_offset                bigint      NOT NULL,
+        received_at                 timestamptz,
+        inserted_at                 timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX IF NOT EXISTS onoff_calls_started_at_idx ON {schema}.onoff_calls (started_at);
+    CREATE INDEX IF NOT EXISTS onoff_calls_external_number_idx
+        ON {schema}.onoff_calls (external_number, started_at);
+    """,
 )
 
 DUCKDB_MIGRATIONS = (
@@ -85,6 +119,36 @@ DUCKDB_MIGRATIONS = (
     CREATE INDEX IF NOT EXISTS sms_events_sent_at_idx ON sms_events (sent_at);
     CREATE INDEX IF NOT EXISTS sms_events_user_number_idx ON sms_events (user_number);
     CREATE INDEX IF NOT EXISTS sms_events_external_number_idx ON sms_events (external_number);
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS onoff_calls (
+        id                          VARCHAR     PRIMARY KEY,
+        event_name                  VARCHAR     NOT NULL,
+        direction                   VARCHAR,
+        status                      VARCHAR,
+        started_at                  TIMESTAMPTZ,
+        ended_at                    TIMESTAMPTZ,
+        duration_seconds            DOUBLE,
+        user_name                   VARCHAR,
+        user_email                  VARCHAR,
+        user_number                 VARCHAR,
+        external_number             VARCHAR,
+        external_name               VARCHAR,
+        external_email              VARCHAR,
+        notes                       VARCHAR,
+        voicemail_url               VARCHAR,
+        voicemail_duration_seconds  DOUBLE,
+        recording_url               VARCHAR,
+        tags                        JSON,
+        payload                     JSON        NOT NULL,
+        kafka_topic                 VARCHAR     NOT NULL,
+        kafka_partition             INTEGER     NOT NULL,
+        kafka_offset                BIGINT      NOT NULL,
+        received_at                 TIMESTAMPTZ,
+        inserted_at                 TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+    );
+    CREATE INDEX IF NOT EXISTS onoff_calls_started_at_idx ON onoff_calls (started_at);
+    CREATE INDEX IF NOT EXISTS onoff_calls_external_number_idx ON onoff_calls (external_number);
     """,
 )
 
@@ -119,6 +183,97 @@ def warehouse_row(event: SmsRecord) -> tuple[Any, ...]:
     return tuple(known[c] if c in known else p.get(FROM_PAYLOAD[c]) for c in COLUMNS)
 
 
+CALL_COLUMNS = (
+    "id", "event_name", "direction", "status", "started_at", "ended_at", "duration_seconds",
+    "user_name", "user_email", "user_number", "external_number", "external_name",
+    "external_email", "notes", "voicemail_url", "voicemail_duration_seconds", "recording_url",
+    "tags", "payload", "kafka_topic", "kafka_partition", "kafka_offset", "received_at",
+)  # fmt: skip
+CALL_FROM_PAYLOAD = {
+    "event_name": "eventName",
+    "direction": "callDirection",
+    "status": "callStatus",
+    "duration_seconds": "callDuration",
+    "user_name": "onoffUserName",
+    "user_email": "onoffUserEmail",
+    "user_number": "onoffUserNumber",
+    "external_number": "externalNumber",
+    "external_name": "externalName",
+    "external_email": "externalEmail",
+    "notes": "callNotes",
+    "voicemail_url": "voicemailUrl",
+    "voicemail_duration_seconds": "voicemailDuration",
+    "recording_url": "callRecordingUrl",
+    "tags": "tags",
+}
+
+
+def call_row(event: CallRecord) -> tuple[Any, ...]:
+    """The ``onoff_calls`` row of one call event, in CALL_COLUMNS order (pure)."""
+    p = event.payload
+    known = {
+        "id": event.event_id,
+        "started_at": event.started_at,
+        "ended_at": event.ended_at,
+        "payload": event.raw.decode(),
+        "kafka_topic": event.topic,
+        "kafka_partition": event.partition,
+        "kafka_offset": event.offset,
+        "received_at": event.received_at,
+    }
+    return tuple(known[c] if c in known else p.get(CALL_FROM_PAYLOAD[c]) for c in CALL_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One event kind's table: its columns, how PostgreSQL builds them from the payload and
+    the parameters, and the rows in Python (DuckDB)."""
+
+    name: str
+    columns: tuple[str, ...]
+    params: tuple[tuple[str, str], ...]
+    """PostgreSQL's unnested parameters after the payload ``p``: (name, element type)."""
+    pg_select: Mapping[str, str]
+    """Column → SQL over ``t.p`` (the payload, jsonb) and ``t.<param>``; others: ``t.<column>``."""
+    pg_params: Callable[[Any], tuple[Any, ...]]
+    row: Callable[[Any], tuple[Any, ...]]
+    duck_casts: Mapping[str, str]
+
+    def pg_insert(self, schema: str) -> str:
+        names = ["p", *(n for n, _ in self.params)]
+        types = ["jsonb", *(t for _, t in self.params)]
+        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1))
+        select = ", ".join(self.pg_select.get(c, f"t.{c}") for c in self.columns)
+        return (
+            f"INSERT INTO {schema}.{self.name} ({', '.join(self.columns)}) SELECT {select} "  # noqa: S608 # identifiers checked by the caller
+            f"FROM unnest({arrays}) AS t({', '.join(names)}) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
+        )
+
+    def duck_insert(self) -> str:
+        columns = ", ".join(
+            f"unnest(${i}::VARCHAR[]){self.duck_casts.get(c, '')}"
+            for i, c in enumerate(self.columns, 1)
+        )
+        return (
+            f"INSERT INTO {self.name} ({', '.join(self.columns)}) SELECT * FROM (SELECT {columns}) "  # noqa: S608
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
+        )
+
+    def duck_row(self, event: Any) -> tuple[Any, ...]:
+        """The row as DuckDB takes it: instants as ISO 8601 text (it parses them into
+        TIMESTAMPTZ itself; aware datetimes would need pytz at run time), JSON as text."""
+        return tuple(_duck_value(v) for v in self.row(event))
+
+
+def _duck_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return value
+
+
 def _permanent(exc: BaseException) -> bool:
     """Errors about the row itself: SQLSTATE classes 22 (data), 23 (integrity) and 54
     (program limit, e.g. an index row too large). Retrying the same row can never work.
@@ -131,7 +286,12 @@ class PostgresWarehouse:
     name = "warehouse"
 
     def __init__(
-        self, url: str, schema: str = "public", pool_size: int = 4, parallel_inserts: int = 3
+        self,
+        url: str,
+        schema: str = "public",
+        pool_size: int = 4,
+        parallel_inserts: int = 3,
+        table: Table | None = None,
     ) -> None:
         if not _IDENT.match(schema):
             raise SinkConfigError(f"WAREHOUSE_SCHEMA: not a plain identifier: {schema!r}")
@@ -140,17 +300,12 @@ class PostgresWarehouse:
         self._pool_size = pool_size
         self._parallel_inserts = min(parallel_inserts, pool_size)
         self._pool: asyncpg.Pool | None = None
+        self._table = table or SMS_TABLE
         # One statement per batch. Each event travels as its JSON payload plus what is not in
         # it, and PostgreSQL extracts the text columns itself: six array parameters instead of
-        # sixteen (encoding those arrays was the consumer's largest cost per insert).
-        select = ", ".join(_PG_SELECT.get(c, f"t.{c}") for c in COLUMNS)
-        self._insert = (
-            f"INSERT INTO {schema}.sms_events ({', '.join(COLUMNS)}) SELECT {select} "  # noqa: S608 # identifiers checked above
-            # jsonb[] (not text[] cast per use): each payload is parsed once, on the way in.
-            "FROM unnest($1::jsonb[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[], "
-            "$6::timestamptz[]) AS t(p, sent_at, kafka_topic, kafka_partition, "
-            "kafka_offset, received_at) ON CONFLICT (id) DO NOTHING RETURNING id"
-        )
+        # sixteen (encoding those arrays was the consumer's largest cost per insert). jsonb[]
+        # (not text[] cast per use): each payload is parsed once, on the way in.
+        self._insert = self._table.pg_insert(schema)
 
     async def start(self) -> None:
         try:
@@ -186,6 +341,7 @@ class PostgresWarehouse:
             await self.close()
             raise TransientSinkError(f"postgres start: {type(exc).__name__}") from exc
 
+    event_kinds = frozenset({"sms", "call"})  # sms_events, onoff_calls
     # The table's primary key is the dedupe store of DEDUPE_URL=sink: an insert says which ids
     # were new (RETURNING), so a duplicate costs no extra round trip.
     idempotent_by_key = True
@@ -193,7 +349,7 @@ class PostgresWarehouse:
     # next batch while this one's last statement and commit finish.
     overlapping_batches = True
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+    async def deliver(self, events: Sequence[EventRecord]) -> Delivery:
         assert self._pool is not None, "start() first"  # noqa: S101 # programming error
         # A batch goes in as a few statements on separate connections at once: the driver
         # encodes one part while PostgreSQL writes another. The runner passes each id once
@@ -202,11 +358,11 @@ class PostgresWarehouse:
         # the keys in one order makes one wait for the other instead of deadlocking.
         parts = _split(sorted(events, key=_event_id), self._parallel_inserts)
         results = await asyncio.gather(
-            *(self._insert_rows([_pg_row(e) for e in part]) for part in parts),
+            *(self._insert_rows([self._table.pg_params(e) for e in part]) for part in parts),
             return_exceptions=True,
         )
         new: set[str] = set()
-        spoiled: list[SmsRecord] = []
+        spoiled: list[EventRecord] = []
         for part, result in zip(parts, results, strict=True):
             if isinstance(result, BaseException):
                 if not _permanent(result):
@@ -220,7 +376,7 @@ class PostgresWarehouse:
         rejected: dict[str, str] = {}
         for event in spoiled:
             try:
-                new |= await self._insert_rows([_pg_row(event)])
+                new |= await self._insert_rows([self._table.pg_params(event)])
             except Exception as exc:
                 if not _permanent(exc):
                     raise TransientSinkError(f"postgres: {type(exc).__name__}") from exc
@@ -244,22 +400,15 @@ class DuckDbWarehouse:
 
     name = "warehouse"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, table: Table | None = None) -> None:
         self._path = path
         self._db: Any = None
         self._lock = asyncio.Lock()  # one statement at a time on the connection
         self._deliveries = asyncio.Lock()  # one batch at a time
+        self._table = table or SMS_TABLE
         # One statement per batch: each column is a list parameter, unnested side by side
         # (DuckDB's executemany runs one insert per row, about 500 times slower).
-        casts = {"sent_at": "::TIMESTAMPTZ", "received_at": "::TIMESTAMPTZ", "payload": "::JSON",
-                 "kafka_partition": "::INTEGER", "kafka_offset": "::BIGINT"}  # fmt: skip
-        columns = ", ".join(
-            f"unnest(${i}::VARCHAR[]){casts.get(c, '')}" for i, c in enumerate(COLUMNS, 1)
-        )
-        self._insert = (
-            f"INSERT INTO sms_events ({', '.join(COLUMNS)}) SELECT * FROM (SELECT {columns}) "  # noqa: S608
-            "ON CONFLICT (id) DO NOTHING RETURNING id"
-        )
+        self._insert = self._table.duck_insert()
 
     async def start(self) -> None:
         import duckdb  # noqa: PLC0415 # only the embedded warehouse needs it
@@ -277,13 +426,14 @@ class DuckDbWarehouse:
         except duckdb.Error as exc:
             raise TransientSinkError(f"duckdb start: {type(exc).__name__}") from exc
 
+    event_kinds = frozenset({"sms", "call"})
     idempotent_by_key = True  # see PostgresWarehouse
     overlapping_batches = True  # see PostgresWarehouse; one statement at a time all the same
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+    async def deliver(self, events: Sequence[EventRecord]) -> Delivery:
         import duckdb  # noqa: PLC0415
 
-        rows = [_duck_row(e) for e in events]
+        rows = [self._table.duck_row(e) for e in events]
         async with self._deliveries:
             try:
                 inserted = await run_serialised(self._lock, self._insert_all, rows)
@@ -349,7 +499,7 @@ def _pg_row(event: SmsRecord) -> tuple[Any, ...]:
 _event_id = attrgetter("event_id")
 
 
-def _split(events: Sequence[SmsRecord], parts: int) -> list[Sequence[SmsRecord]]:
+def _split(events: Sequence[EventRecord], parts: int) -> list[Sequence[EventRecord]]:
     """``events`` in at most ``parts`` contiguous slices of near-equal size (pure)."""
     size = max(1, -(-len(events) // max(parts, 1)))
     return [events[i : i + size] for i in range(0, len(events), size)]
@@ -363,20 +513,85 @@ def _held(
 
 
 def _duck_row(event: SmsRecord) -> tuple[Any, ...]:
-    # DuckDB parses ISO 8601 text into TIMESTAMPTZ itself; handing it aware datetimes would
-    # need pytz at run time.
-    row = list(warehouse_row(event))
-    row[3] = _iso(event.sent_at)
-    row[15] = _iso(event.received_at)
-    return tuple(row)
+    return SMS_TABLE.duck_row(event)
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
+SMS_TABLE = Table(
+    name="sms_events",
+    columns=COLUMNS,
+    params=(
+        ("sent_at", "timestamptz"),
+        ("kafka_topic", "text"),
+        ("kafka_partition", "int"),
+        ("kafka_offset", "bigint"),
+        ("received_at", "timestamptz"),
+    ),
+    pg_select=_PG_SELECT,
+    pg_params=_pg_row,
+    row=warehouse_row,
+    duck_casts={
+        "sent_at": "::TIMESTAMPTZ",
+        "received_at": "::TIMESTAMPTZ",
+        "payload": "::JSON",
+        "kafka_partition": "::INTEGER",
+        "kafka_offset": "::BIGINT",
+    },
+)
+
+
+def _call_pg_params(event: CallRecord) -> tuple[Any, ...]:
+    return (
+        event.raw.decode(),
+        event.started_at,
+        event.ended_at,
+        event.topic,
+        event.partition,
+        event.offset,
+        event.received_at,
+    )
+
+
+CALL_TABLE = Table(
+    name="onoff_calls",
+    columns=CALL_COLUMNS,
+    params=(
+        ("started_at", "timestamptz"),
+        ("ended_at", "timestamptz"),
+        ("kafka_topic", "text"),
+        ("kafka_partition", "int"),
+        ("kafka_offset", "bigint"),
+        ("received_at", "timestamptz"),
+    ),
+    pg_select={
+        "id": "t.p->>'id'",
+        "payload": "t.p",
+        **{c: f"t.p->>'{f}'" for c, f in CALL_FROM_PAYLOAD.items()},
+        # The schema allows only numbers (or null) here.
+        "duration_seconds": "(t.p->>'callDuration')::double precision",
+        "voicemail_duration_seconds": "(t.p->>'voicemailDuration')::double precision",
+        # JSON null becomes SQL NULL, as an absent field does (and as DuckDB stores both).
+        "tags": "NULLIF(t.p->'tags', 'null'::jsonb)",
+    },
+    pg_params=_call_pg_params,
+    row=call_row,
+    duck_casts={
+        "started_at": "::TIMESTAMPTZ",
+        "ended_at": "::TIMESTAMPTZ",
+        "received_at": "::TIMESTAMPTZ",
+        "duration_seconds": "::DOUBLE",
+        "voicemail_duration_seconds": "::DOUBLE",
+        "tags": "::JSON",
+        "payload": "::JSON",
+        "kafka_partition": "::INTEGER",
+        "kafka_offset": "::BIGINT",
+    },
+)
 
 
 def warehouse_from_env(env: Mapping[str, str]) -> PostgresWarehouse | DuckDbWarehouse:
     url = s.text(env, "WAREHOUSE_URL", "duckdb:///.data/warehouse.duckdb")
+    # The service's event kind (consumers/settings.py) picks the table.
+    table = CALL_TABLE if env.get("CONSUMER_EVENT_KIND", "").strip() == CALL.name else SMS_TABLE
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresWarehouse(
             url,
@@ -385,10 +600,11 @@ def warehouse_from_env(env: Mapping[str, str]) -> PostgresWarehouse | DuckDbWare
             parallel_inserts=s.number(
                 env, "WAREHOUSE_PARALLEL_INSERTS", 3, int, minimum=1, maximum=100
             ),
+            table=table,
         )
     if url.startswith("duckdb:///"):
         path = url[len("duckdb:///") :]
         if not path:
             raise SinkConfigError("WAREHOUSE_URL: duckdb:///path/to/file.duckdb needs a path")
-        return DuckDbWarehouse(Path(path))
+        return DuckDbWarehouse(Path(path), table)
     raise SinkConfigError("WAREHOUSE_URL: expected postgresql://… or duckdb:///path/to/file.duckdb")

@@ -1,0 +1,211 @@
+"""Call events from ``call-events`` into the warehouse's ``onoff_calls``, in PostgreSQL and
+DuckDB, with the real broker: the same runner over another event kind (its own topic, group,
+DLQ and dedupe namespace)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import duckdb
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from consumers.settings import ConsumerSettings
+from onoff_events.cloudevents import EventHeaders, rfc3339_now
+from onoff_events.event_kinds import CALL
+from onoff_events.kafka import KafkaSettings, ensure_topics
+from tests.conftest import wait_until
+from tests.consumer_harness import InProcessConsumer, consumer_env, make_topics, publish
+from tests.payloads import call_event, sms_event
+
+CALL_HEADERS = EventHeaders("/tests", CALL)
+
+
+async def call_topic(bootstrap: str) -> str:
+    topic = f"call-events-{uuid.uuid4().hex[:12]}"
+    await ensure_topics(
+        KafkaSettings(bootstrap_servers=bootstrap), {topic: 3, f"{topic}.warehouse.dlq": 1}
+    )
+    return topic
+
+
+async def publish_calls(bootstrap: str, topic: str, events: Sequence[dict[str, Any]]) -> None:
+    """As the gateway writes them: key = id, the call kind's CloudEvents headers."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for event in events:
+            headers = CALL_HEADERS.build(
+                event["id"], event.get("callStarted"), rfc3339_now(), "tests"
+            )
+            await producer.send_and_wait(
+                topic, orjson.dumps(event), key=event["id"].encode(), headers=headers
+            )
+    finally:
+        await producer.stop()
+
+
+def test_a_call_service_has_its_own_topic_group_and_dlq() -> None:
+    calls = ConsumerSettings.from_env("warehouse", {"CONSUMER_EVENT_KIND": "call"})
+    sms = ConsumerSettings.from_env("warehouse", {})
+    assert (calls.topic, calls.group_id, calls.dlq_topic) == (
+        "call-events",
+        "onoff-warehouse-calls",
+        "call-events.warehouse.dlq",
+    )
+    assert (sms.topic, sms.group_id, sms.dlq_topic) == (
+        "sms-events",
+        "onoff-warehouse",
+        "sms-events.warehouse.dlq",
+    )
+
+
+async def test_each_kind_of_call_is_one_row_of_onoff_calls_in_postgres_and_duckdb(
+    kafka_bootstrap: str, postgres_url: str, pg_schema: str, tmp_path: Path
+) -> None:
+    """A CDR, a voicemail and a recording (each sent twice), and a call with nothing but its
+    id and name: one row each, the columns mapped, unknown fields kept in the payload."""
+    topic = await call_topic(kafka_bootstrap)
+    cdr = call_event(futureField={"kept": True})
+    vm = call_event(
+        eventName="VM",
+        callStatus="MISSED",
+        voicemailUrl="https://example.com/vm/1.mp3",
+        voicemailDuration=31,
+        tags=None,
+    )
+    recording = call_event(eventName="RECORDING", callRecordingUrl="https://example.com/r.mp3")
+    bare = {"id": str(uuid.uuid4()), "eventName": "CDR"}
+    await publish_calls(kafka_bootstrap, topic, [cdr, vm, recording, bare, cdr, vm])
+    common = {"CONSUMER_EVENT_KIND": "call", "KAFKA_CALL_TOPIC": topic}
+    pg_env = consumer_env(
+        kafka_bootstrap, topic, WAREHOUSE_URL=postgres_url, WAREHOUSE_SCHEMA=pg_schema, **common
+    )
+    duck_path = tmp_path / "calls.duckdb"
+    duck_env = consumer_env(
+        kafka_bootstrap, topic, WAREHOUSE_URL=f"duckdb:///{duck_path}", **common
+    )
+    async with InProcessConsumer(pg_env) as pg, InProcessConsumer(duck_env) as duck:
+        for consumer in (pg, duck):
+            await wait_until(
+                lambda c=consumer: c.metric("onoff_consumer_events_consumed_total") == 6,
+                30,
+                "6 call records consumed",
+            )
+            await wait_until(
+                lambda c=consumer: c.metric("onoff_consumer_events_delivered_total") == 4,
+                10,
+                "4 calls delivered",
+            )
+            assert consumer.metric("onoff_consumer_duplicates_dropped_total") == 2
+            assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = {
+            r["id"]: dict(r)
+            for r in await conn.fetch(f"SELECT * FROM {pg_schema}.onoff_calls")  # noqa: S608
+        }
+    finally:
+        await conn.close()
+    assert set(rows) == {cdr["id"], vm["id"], recording["id"], bare["id"]}
+    row = rows[cdr["id"]]
+    assert (row["event_name"], row["direction"], row["status"]) == ("CDR", "INCOMING", "ANSWERED")
+    assert row["started_at"] == datetime(2023, 5, 20, 14, 30, tzinfo=UTC)
+    assert row["ended_at"] == datetime(2023, 5, 20, 14, 32, 5, tzinfo=UTC)
+    assert row["duration_seconds"] == 125
+    assert orjson.loads(row["tags"]) == cdr["tags"]
+    assert orjson.loads(row["payload"])["futureField"] == {"kept": True}
+    assert row["kafka_topic"] == topic
+    assert row["received_at"] is not None
+    assert (rows[vm["id"]]["voicemail_url"], rows[vm["id"]]["voicemail_duration_seconds"]) == (
+        "https://example.com/vm/1.mp3",
+        31,
+    )
+    assert rows[vm["id"]]["tags"] is None
+    assert rows[recording["id"]]["recording_url"] == "https://example.com/r.mp3"
+    assert rows[bare["id"]]["started_at"] is None
+
+    embedded = duckdb.connect(str(duck_path), read_only=True)
+    try:
+        duck_rows = {
+            r[0]: r[1:]
+            for r in embedded.execute(
+                "SELECT id, event_name, status, epoch(started_at), duration_seconds, "
+                "voicemail_url, tags, recording_url FROM onoff_calls"
+            ).fetchall()
+        }
+    finally:
+        embedded.close()
+    assert set(duck_rows) == set(rows)
+    for call_id, (
+        name,
+        status,
+        started,
+        duration,
+        voicemail,
+        tags,
+        recording_url,
+    ) in duck_rows.items():
+        pg_row = rows[call_id]
+        assert (name, status, duration, voicemail, recording_url) == (
+            pg_row["event_name"],
+            pg_row["status"],
+            pg_row["duration_seconds"],
+            pg_row["voicemail_url"],
+            pg_row["recording_url"],
+        )
+        expected_start = pg_row["started_at"].timestamp() if pg_row["started_at"] else None
+        assert started == expected_start
+        assert (orjson.loads(tags) if tags else None) == (
+            orjson.loads(pg_row["tags"]) if pg_row["tags"] else None
+        )
+
+
+async def test_a_call_and_an_sms_with_the_same_id_are_both_delivered(
+    kafka_bootstrap: str, postgres_url: str, pg_schema: str, redis_url: str
+) -> None:
+    """Dedupe keys are per topic: with one Redis dedupe store for both services, the SMS
+    delivered first does not make the call with its id a duplicate (nor the reverse)."""
+    shared = str(uuid.uuid4())
+    sms_topic = await make_topics(kafka_bootstrap)
+    calls = await call_topic(kafka_bootstrap)
+    await publish(kafka_bootstrap, sms_topic, [sms_event(id=shared)])
+    await publish_calls(kafka_bootstrap, calls, [call_event(id=shared)])
+    common = {"WAREHOUSE_URL": postgres_url, "WAREHOUSE_SCHEMA": pg_schema, "DEDUPE_URL": redis_url}
+    sms_env = consumer_env(kafka_bootstrap, sms_topic, **common)
+    call_env = consumer_env(
+        kafka_bootstrap, calls, CONSUMER_EVENT_KIND="call", KAFKA_CALL_TOPIC=calls, **common
+    )
+    # The defaults: one group (and so one dedupe namespace) per topic.
+    for env in (sms_env, call_env):
+        del env["CONSUMER_GROUP"]
+    async with InProcessConsumer(sms_env) as sms:
+        await wait_until(
+            lambda: sms.metric("onoff_consumer_events_delivered_total") == 1, 30, "the SMS"
+        )
+    async with InProcessConsumer(call_env) as call:
+        await wait_until(
+            lambda: call.metric("onoff_consumer_events_delivered_total") == 1, 30, "the call"
+        )
+        assert call.metric("onoff_consumer_duplicates_dropped_total") == 0
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        in_sms = await conn.fetchval(
+            f"SELECT count(*) FROM {pg_schema}.sms_events WHERE id = $1",  # noqa: S608
+            shared,
+        )
+        in_calls = await conn.fetchval(
+            f"SELECT count(*) FROM {pg_schema}.onoff_calls WHERE id = $1",  # noqa: S608
+            shared,
+        )
+    finally:
+        await conn.close()
+    assert (in_sms, in_calls) == (1, 1)
+    await asyncio.sleep(0)
