@@ -456,8 +456,16 @@ async def test_every_workload_starts_with_its_rendered_settings(
     StatefulSet gets (ConfigMaps, Secrets, mounted rules, the spool's volume), and its sink
     and dedupe store build from it."""
     workloads = _workloads(rendered[overlay], tmp_path)
-    assert sorted(w.command[0] for w in workloads) == ["onoff-consumer"] * len(SINKS) + [
-        "onoff-gateway"
+    services = sorted(
+        (w.command[-1], ConsumerSettings.from_env(w.command[-1], w.env).kind.name)
+        for w in workloads
+        if w.command[0] == "onoff-consumer"
+    )
+    # One service per sink for SMS; per topic: the calls reach the warehouse (CRM and alerts
+    # for calls are not built yet).
+    assert services == sorted([(sink, "sms") for sink in SINKS] + [("warehouse", "call")])
+    assert [w.command for w in workloads if w.command[0] != "onoff-consumer"] == [
+        ["onoff-gateway"]
     ]
     for workload in workloads:
         if workload.command == ["onoff-gateway"]:
@@ -800,6 +808,7 @@ def test_prod_topics_are_durable(rendered: dict[str, list[dict[str, Any]]]) -> N
         "sms-events.redriven",
         "call-events",
         "call-events.dlq",
+        "call-events.warehouse.dlq",
     } | {f"sms-events.{sink}.dlq" for sink in SINK_NAMES}
     assert topics["sms-events"]["partitions"] >= 12
     for name, spec in topics.items():
