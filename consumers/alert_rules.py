@@ -20,7 +20,9 @@ from typing import Any, Protocol
 
 import re2
 
-RULE_KINDS = frozenset({"keyword", "regex", "opt_out", "burst", "blocklist"})
+CALL_RULE_KINDS = frozenset({"missed_call", "voicemail"})
+"""Rules on calls (the alerts service of call-events); the others are rules on SMS."""
+RULE_KINDS = frozenset({"keyword", "regex", "opt_out", "burst", "blocklist"}) | CALL_RULE_KINDS
 TARGETS = frozenset({"log", "alertmanager", "slack", "pagerduty"})
 SEVERITIES = frozenset({"critical", "error", "warning", "info"})
 DIRECTIONS = frozenset({"SENT", "RECEIVED"})
@@ -65,8 +67,12 @@ class Rule:
     # burst
     max_messages: int = 0
     window_minutes: float = 0.0
-    # blocklist (E.164 numbers)
+    # blocklist (E.164 numbers); missed_call and voicemail: only these numbers (empty: any)
     numbers: frozenset[str] = field(default_factory=frozenset)
+    # missed_call: Onoff's callStatus values that mean missed, and the call directions
+    # (upper case; empty: any direction)
+    statuses: frozenset[str] = field(default_factory=frozenset)
+    call_directions: frozenset[str] = field(default_factory=frozenset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +123,13 @@ _BY_KIND = {
     "regex": {"pattern"},
     "burst": {"max_messages", "window_minutes"},
     "blocklist": {"numbers"},
+    "missed_call": {"statuses", "call_directions", "numbers"},
+    "voicemail": {"numbers"},
 }
+# Onoff does not document callStatus and callDirection values: these are our guess, and a
+# rule names its own (docs/alert-rules.md).
+DEFAULT_MISSED_STATUSES = ("MISSED",)
+DEFAULT_MISSED_DIRECTIONS = ("INCOMING",)
 
 
 def _parse_rule(position: int, entry: Any, normalise: Any) -> Rule:
@@ -143,6 +155,10 @@ def _parse_rule(position: int, entry: Any, normalise: Any) -> Rule:
     include_body = entry.get("include_body", False)
     if not isinstance(include_body, bool):
         raise RulesError(f"{label}: 'include_body' must be true or false")
+    if kind in CALL_RULE_KINDS and "directions" in entry:
+        raise RulesError(
+            f"{label}: 'directions' is for SMS rules; a call rule has 'call_directions'"
+        )
     directions = entry.get("directions", sorted(DIRECTIONS))
     if not isinstance(directions, list) or not directions or not set(directions) <= DIRECTIONS:
         raise RulesError(f"{label}: 'directions' must be a non-empty list of SENT/RECEIVED")
@@ -202,7 +218,37 @@ def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: 
         ):
             raise RulesError(f"{label}: 'window_minutes' must be a number above 0 and at most 1440")
         return replace(rule, max_messages=limit, window_minutes=float(window))
-    numbers = entry.get("numbers")
+    if rule.kind in CALL_RULE_KINDS:
+        return _call_rule(label, rule, entry, normalise)
+    return replace(rule, numbers=_numbers(label, entry.get("numbers"), normalise))
+
+
+def _call_rule(label: str, rule: Rule, entry: dict[str, Any], normalise: Any) -> Rule:
+    from dataclasses import replace  # noqa: PLC0415
+
+    numbers = _numbers(label, entry["numbers"], normalise) if "numbers" in entry else frozenset()
+    if rule.kind == "voicemail":
+        return replace(rule, numbers=numbers)
+    values = {}
+    for key, default in (
+        ("statuses", DEFAULT_MISSED_STATUSES),
+        ("call_directions", DEFAULT_MISSED_DIRECTIONS),
+    ):
+        given = entry.get(key, list(default))
+        if not isinstance(given, list) or not all(isinstance(v, str) and v.strip() for v in given):
+            raise RulesError(f"{label}: '{key}' must be a list of Onoff's values (text)")
+        values[key] = frozenset(v.strip().upper() for v in given)
+    if not values["statuses"]:
+        raise RulesError(f"{label}: 'statuses' must name at least one callStatus value")
+    return replace(
+        rule,
+        numbers=numbers,
+        statuses=values["statuses"],
+        call_directions=values["call_directions"],
+    )
+
+
+def _numbers(label: str, numbers: Any, normalise: Any) -> frozenset[str]:
     if not isinstance(numbers, list) or not numbers or not all(isinstance(n, str) for n in numbers):
         raise RulesError(f"{label}: 'numbers' must be a non-empty list of phone numbers")
     normalised = set()
@@ -212,7 +258,7 @@ def _with_kind_fields(label: str, rule: Rule, entry: dict[str, Any], normalise: 
             # The position, not the number: the rules file may be shown in logs.
             raise RulesError(f"{label}: number #{index} in 'numbers' is not a phone number")
         normalised.add(e164)
-    return replace(rule, numbers=frozenset(normalised))
+    return frozenset(normalised)
 
 
 def _re2_options() -> Any:
@@ -290,6 +336,31 @@ def _is_opt_out(body: str, words: Sequence[str]) -> bool:
     # "STOP", "Stop.", "stop please": the first word decides, as carriers treat opt-outs.
     first = _WORD.findall(_fold(body[:64]))
     return bool(first) and first[0] in words
+
+
+def call_matches(
+    rules: Iterable[Rule],
+    event_name: str,
+    status: str | None,
+    direction: str | None,
+    other_party: str | None,
+) -> list[Rule]:
+    """Call rules this call matches. ``other_party`` is the external number in E.164 (None
+    when it cannot be read); status and direction are compared in upper case."""
+    status_up, direction_up = (status or "").upper(), (direction or "").upper()
+
+    def fits(rule: Rule) -> bool:
+        if rule.numbers and other_party not in rule.numbers:
+            return False
+        if rule.kind == "voicemail":
+            return event_name == "VM"
+        return (
+            rule.kind == "missed_call"
+            and status_up in rule.statuses
+            and (not rule.call_directions or direction_up in rule.call_directions)
+        )
+
+    return [rule for rule in rules if fits(rule)]
 
 
 def burst_peak(times: Sequence[float], at: float, window: float) -> tuple[int, float]:

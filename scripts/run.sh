@@ -73,10 +73,15 @@ pids+=($!)
 CONSUMER_PORT=8082 ALERT_RULES_FILE=${ALERT_RULES_FILE:-config/alert-rules.example.toml} \
   "$bin/python" -m consumers alerts &
 pids+=($!)
+# The same rules file's call rules (missed_call, voicemail) on call-events.
+CONSUMER_PORT=8085 CONSUMER_EVENT_KIND=call \
+  ALERT_RULES_FILE=${ALERT_RULES_FILE:-config/alert-rules.example.toml} \
+  "$bin/python" -m consumers alerts &
+pids+=($!)
 if [ -n "${HUBSPOT_TOKEN:-}" ]; then
   CONSUMER_PORT=8083 "$bin/python" -m consumers crm &
   pids+=($!)
 fi
-echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8084 (warehouse, calls), :8082 (alerts)${HUBSPOT_TOKEN:+, :8083 (crm)}" >&2
+echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8084 (warehouse, calls), :8082 (alerts), :8085 (alerts, calls)${HUBSPOT_TOKEN:+, :8083 (crm)}" >&2
 # Wait for any service to end (Ctrl-C lands in the trap above).
 wait -n "${pids[@]}" || true

@@ -14,6 +14,7 @@ from consumers.alert_rules import (
     RulesError,
     burst_fires,
     burst_peak,
+    call_matches,
     load_rules,
     parse_rules,
     stateless_matches,
@@ -33,7 +34,14 @@ def one(**rule: Any) -> dict[str, Any]:
 
 def test_the_example_rules_file_loads() -> None:
     rules = load_rules(EXAMPLE, normalise)
-    assert {r.name for r in rules.rules} == {"opt-out", "urgent", "card-number", "burst"}
+    assert {r.name for r in rules.rules} == {
+        "opt-out",
+        "urgent",
+        "card-number",
+        "burst",
+        "missed-call",
+        "voicemail",
+    }
 
 
 @pytest.mark.parametrize(
@@ -236,3 +244,61 @@ def test_rules_read_only_the_first_max_matched_chars_of_a_body() -> None:
 def test_the_example_rules_compile_with_re2() -> None:
     rules = load_rules(EXAMPLE, normalise)
     assert all(type(r.pattern).__module__ == "re2" for r in rules.rules if r.kind == "regex")
+
+
+# --- call rules ------------------------------------------------------------------------------
+
+
+def test_call_rules_default_to_missed_incoming_calls_from_anyone() -> None:
+    [missed, vm] = parse_rules(
+        {"rule": [{"name": "m", "kind": "missed_call"}, {"name": "v", "kind": "voicemail"}]},
+        normalise,
+    ).rules
+    assert (missed.statuses, missed.call_directions, missed.numbers) == (
+        frozenset({"MISSED"}),
+        frozenset({"INCOMING"}),
+        frozenset(),
+    )
+    assert vm.numbers == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"kind": "missed_call", "directions": ["RECEIVED"]}, "call_directions"),
+        ({"kind": "missed_call", "statuses": []}, "at least one callStatus"),
+        ({"kind": "missed_call", "statuses": "MISSED"}, "'statuses' must be a list"),
+        ({"kind": "missed_call", "call_directions": [3]}, "'call_directions' must be a list"),
+        ({"kind": "voicemail", "numbers": ["not a number"]}, "number #1 in 'numbers'"),
+        ({"kind": "voicemail", "words": ["x"]}, "unknown key"),
+    ],
+)
+def test_bad_call_rules_are_refused_naming_the_rule(rule: dict[str, Any], message: str) -> None:
+    with pytest.raises(RulesError, match=message):
+        parse_rules(one(**rule), normalise)
+
+
+def test_call_rules_match_calls_and_sms_rules_do_not() -> None:
+    rules = parse_rules(
+        {
+            "rule": [
+                {"name": "m", "kind": "missed_call", "numbers": ["0612345678"]},
+                {"name": "any", "kind": "missed_call", "statuses": ["missed", "NO_ANSWER"],
+                 "call_directions": []},
+                {"name": "v", "kind": "voicemail"},
+                {"name": "k", "kind": "keyword", "words": ["missed"]},
+            ]
+        },
+        normalise,
+    ).rules  # fmt: skip
+    key = "+33612345678"
+
+    def names(*call: Any) -> set[str]:
+        return {r.name for r in call_matches(rules, *call)}
+
+    assert names("CDR", "MISSED", "INCOMING", key) == {"m", "any"}
+    assert names("CDR", "no_answer", "outgoing", key) == {"any"}  # any direction, any case
+    assert names("CDR", "MISSED", "INCOMING", "+33699887766") == {"any"}
+    assert names("CDR", "ANSWERED", "INCOMING", key) == set()
+    assert names("VM", None, None, None) == {"v"}
+    assert stateless_matches(rules, "missed", "RECEIVED", key) == [rules[3]]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import duckdb
 import orjson
@@ -209,3 +210,99 @@ async def test_a_call_and_an_sms_with_the_same_id_are_both_delivered(
         await conn.close()
     assert (in_sms, in_calls) == (1, 1)
     await asyncio.sleep(0)
+
+
+# --- alerts on calls -----------------------------------------------------------------------
+
+KEY_CUSTOMER = "+33612345678"
+
+
+async def test_a_missed_call_from_a_key_customer_raises_an_alert_in_alertmanager(
+    kafka_bootstrap: str, alertmanager_url: str, tmp_path: Path
+) -> None:
+    """Call rules on call-events: a missed incoming call from a listed number fires the
+    missed_call rule once (sent twice), in the real Alertmanager; an answered call, a missed
+    call from another number and an outgoing one fire nothing; a voicemail fires the
+    voicemail rule. SMS rules in the same file never fire on calls."""
+    tag = uuid.uuid4().hex[:8]
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        f"""
+[[rule]]
+name = "missed-{tag}"
+kind = "missed_call"
+numbers = ["06 12 34 56 78"]
+targets = ["alertmanager"]
+severity = "critical"
+
+[[rule]]
+name = "vm-{tag}"
+kind = "voicemail"
+targets = ["alertmanager", "log"]
+
+[[rule]]
+name = "word-{tag}"
+kind = "keyword"
+words = ["missed"]
+targets = ["alertmanager"]
+"""
+    )
+    topic = await call_topic(kafka_bootstrap)
+    await ensure_topics(
+        KafkaSettings(bootstrap_servers=kafka_bootstrap), {f"{topic}.alerts.dlq": 1}
+    )
+    missed = call_event(callStatus="MISSED", externalNumber=KEY_CUSTOMER, callDuration=0)
+    answered = call_event(callStatus="ANSWERED", externalNumber=KEY_CUSTOMER)
+    other = call_event(callStatus="missed", externalNumber="+33699887766")
+    outgoing = call_event(
+        callStatus="MISSED", callDirection="OUTGOING", externalNumber=KEY_CUSTOMER
+    )
+    voicemail = call_event(eventName="VM", callStatus="MISSED", externalNumber="+33699887766")
+    env = consumer_env(
+        kafka_bootstrap,
+        topic,
+        CONSUMER_EVENT_KIND="call",
+        KAFKA_CALL_TOPIC=topic,
+        ALERT_RULES_FILE=str(rules),
+        ALERTMANAGER_URL=alertmanager_url,
+        ALERT_SENDER_KEY="test-sender-key-" + uuid.uuid4().hex,
+        DEDUPE_URL=f"sqlite:///{tmp_path}/state.sqlite3",
+    )
+    await publish_calls(
+        kafka_bootstrap, topic, [missed, answered, other, outgoing, voicemail, missed]
+    )
+    async with InProcessConsumer(env, sink_name="alerts") as consumer:
+        await wait_until(
+            lambda: consumer.metric("onoff_consumer_events_consumed_total") == 6,
+            30,
+            "6 calls consumed",
+        )
+        await wait_until(
+            lambda: (
+                consumer.metric("onoff_consumer_commits_total") >= 1
+                and consumer.metric("onoff_consumer_lag_records") == 0
+            ),
+            20,
+            "caught up",
+        )
+        matched = {
+            rule: consumer.metric("onoff_consumer_alert_rules_matched_total", rule=rule)
+            for rule in (f"missed-{tag}", f"vm-{tag}", f"word-{tag}")
+        }
+    # The VM also says MISSED, but comes from an unlisted number: only the voicemail rule.
+    assert matched == {f"missed-{tag}": 1, f"vm-{tag}": 1, f"word-{tag}": 0}
+
+    async with aiohttp.ClientSession() as http:
+        url = f"{alertmanager_url}/api/v2/alerts"
+        async with http.get(url, params={"filter": f'rule="missed-{tag}"'}) as response:
+            [alert] = await response.json()
+        async with http.get(url, params={"filter": f'rule="vm-{tag}"'}) as response:
+            [vm_alert] = await response.json()
+    assert alert["labels"]["alertname"] == "OnoffCallRule"
+    assert (alert["labels"]["kind"], alert["labels"]["severity"]) == ("missed_call", "critical")
+    description = alert["annotations"]["description"]
+    assert "Missed call" in description
+    assert "INCOMING call, status MISSED" in description
+    assert missed["id"] in description
+    assert KEY_CUSTOMER not in str(alert)  # masked, as for SMS
+    assert vm_alert["labels"]["kind"] == "voicemail"

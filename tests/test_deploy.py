@@ -461,12 +461,12 @@ async def test_every_workload_starts_with_its_rendered_settings(
         for w in workloads
         if w.command[0] == "onoff-consumer"
     )
-    # One service per sink for SMS; per topic: the calls reach the warehouse (CRM and alerts
-    # for calls are not built yet).
-    assert services == sorted([(sink, "sms") for sink in SINKS] + [("warehouse", "call")])
-    assert [w.command for w in workloads if w.command[0] != "onoff-consumer"] == [
-        ["onoff-gateway"]
-    ]
+    # One service per sink and topic: every sink for SMS; the warehouse and alerts for calls
+    # (the CRM's calls are not built yet).
+    assert services == sorted(
+        [(sink, "sms") for sink in SINKS] + [("warehouse", "call"), ("alerts", "call")]
+    )
+    assert [w.command for w in workloads if w.command[0] != "onoff-consumer"] == [["onoff-gateway"]]
     for workload in workloads:
         if workload.command == ["onoff-gateway"]:
             assert workload.kind == GATEWAY_KIND[overlay]
@@ -602,7 +602,9 @@ def test_alert_rules_config_map_loads_with_the_consumers_parser(
 ) -> None:
     """The alerts consumer's rule file parses, and only targets it has settings for."""
     for overlay, docs in rendered.items():
-        (alerts,) = [w for w in _workloads(docs, tmp_path / overlay) if "alerts" in w.name]
+        (alerts,) = [
+            w for w in _workloads(docs, tmp_path / overlay) if w.name == "onoff-consumer-alerts"
+        ]
         rules = load_rules(Path(alerts.env["ALERT_RULES_FILE"]))
         needs = {
             "alertmanager": "ALERTMANAGER_URL",
@@ -809,6 +811,7 @@ def test_prod_topics_are_durable(rendered: dict[str, list[dict[str, Any]]]) -> N
         "call-events",
         "call-events.dlq",
         "call-events.warehouse.dlq",
+        "call-events.alerts.dlq",
     } | {f"sms-events.{sink}.dlq" for sink in SINK_NAMES}
     assert topics["sms-events"]["partitions"] >= 12
     for name, spec in topics.items():

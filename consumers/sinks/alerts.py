@@ -26,12 +26,13 @@ from consumers.alert_rules import (
     RuleSet,
     burst_fires,
     burst_peak,
+    call_matches,
     excerpt,
     load_rules,
     stateless_matches,
 )
 from consumers.phones import masked, phone_region, to_e164
-from consumers.records import SmsRecord
+from consumers.records import CallRecord, EventRecord, SmsRecord
 from consumers.sinks import Delivery, SinkConfigError
 from consumers.sinks.burst import BurstStore, burst_store_from_url
 from consumers.sinks.http import JsonApi, RequestRejected, TargetMetrics
@@ -45,13 +46,15 @@ DEFAULT_SUMMARIES = {
     "opt_out": "Opt-out received by SMS",
     "burst": "Burst of SMS from one number",
     "blocklist": "SMS exchanged with a blocked number",
+    "missed_call": "Missed call",
+    "voicemail": "Voicemail left",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
     rule: AlertRule
-    event: SmsRecord
+    event: EventRecord
     sender_id: str  # keyed hash of the external number: groups alerts, reveals nothing
     dedup_key: str
     summary: str
@@ -141,6 +144,9 @@ PACED_BATCH_EVENTS = 20
 class AlertsSink:
     name = "alerts"
     max_batch_events = 10**9  # bounded below when a target is paced per message
+    # SMS rules on sms-events, call rules (missed_call, voicemail) on call-events: one rules
+    # file, one service per topic (CONSUMER_EVENT_KIND).
+    event_kinds = frozenset({"sms", "call"})
 
     def __init__(
         self,
@@ -180,8 +186,11 @@ class AlertsSink:
             await target.close()
         await self._burst.close()
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
-        alerts, firing = await self._alerts_for(events)
+    async def deliver(self, events: Sequence[EventRecord]) -> Delivery:
+        calls = [e for e in events if isinstance(e, CallRecord)]
+        sms = [e for e in events if isinstance(e, SmsRecord)]
+        alerts, firing = await self._alerts_for(sms)
+        alerts += [a for call in calls for a in self._call_alerts(call)]
         rejected: dict[str, str] = {}
         for name, target in self._targets.items():
             # A refusal by one target never keeps the alert from the others.
@@ -242,6 +251,50 @@ class AlertsSink:
             alerts.extend(self._alert(rule, event, sender, sender_id) for rule in matched)
         return alerts, firing
 
+    def _call_alerts(self, call: CallRecord) -> list[Alert]:
+        p = call.payload
+        other = to_e164(str(p.get("externalNumber") or ""), self._region)
+        other_id = self._sender_id(other or str(p.get("externalNumber") or ""))
+        status, direction = p.get("callStatus"), p.get("callDirection")
+        matched = call_matches(
+            self._rules.rules,
+            str(p.get("eventName")),
+            status if isinstance(status, str) else None,
+            direction if isinstance(direction, str) else None,
+            other,
+        )
+        alerts = []
+        line = to_e164(str(p.get("onoffUserNumber") or ""), self._region)
+        started = call.started_at.isoformat() if call.started_at else "at an unknown time"
+        for rule in matched:
+            summary = rule.summary or DEFAULT_SUMMARIES[rule.kind]
+            # Onoff's own status and direction words (upper case, at most 64 characters), never
+            # a number, a name or the call's notes.
+            description = (
+                f"{summary}. Rule {rule.name} ({rule.kind}): {p.get('eventName')} "
+                f"{_word(direction)} call, status {_word(status)}, Onoff line "
+                f"{masked(line) if line else 'unknown'}, other party "
+                f"{masked(other) if other else 'not a phone number'}, started {started}. "
+                f"Event {call.event_id} ({call.topic}/{call.partition}@{call.offset})."
+            )
+            now = datetime.now(UTC)
+            alerts.append(
+                Alert(
+                    rule=rule,
+                    event=call,
+                    sender_id=other_id,
+                    dedup_key=hashlib.sha256(f"{rule.name}:{call.event_id}".encode()).hexdigest()[
+                        :32
+                    ],
+                    summary=summary,
+                    description=description,
+                    starts_at=now,
+                    ends_at=now + timedelta(minutes=rule.resolve_after_minutes),
+                    body_excerpt=None,  # a call has no body; its notes are never sent
+                )
+            )
+        return alerts
+
     def _alert(
         self, rule: AlertRule, event: SmsRecord, sender: str | None, sender_id: str
     ) -> Alert:
@@ -282,6 +335,11 @@ class AlertsSink:
         return f"{rule.name}:{sender_id}"
 
 
+def _word(value: Any) -> str:
+    """One of Onoff's status or direction words for a description, or ``unknown``."""
+    return value.upper()[:64] if isinstance(value, str) and value.strip() else "unknown"
+
+
 def _rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -320,7 +378,7 @@ def alertmanager_alert(a: Alert) -> dict[str, Any]:
         annotations["body_excerpt"] = a.body_excerpt
     return {
         "labels": {
-            "alertname": "OnoffSmsRule",
+            "alertname": "OnoffCallRule" if isinstance(a.event, CallRecord) else "OnoffSmsRule",
             "rule": a.rule.name,
             "kind": a.rule.kind,
             "severity": a.rule.severity,
@@ -363,16 +421,19 @@ def pagerduty_event(a: Alert, routing_key: str) -> dict[str, Any]:
         "summary": f"{a.summary} [{a.rule.name}]"[:1024],
         "source": "onoff-events",
         "severity": a.rule.severity,
-        "component": "sms",
+        "component": "call" if isinstance(a.event, CallRecord) else "sms",
         "group": a.rule.name,
         "class": a.rule.kind,
         "custom_details": details,
     }
-    timestamp = _utc_rfc3339(a.event.sent_at)
-    if timestamp is None:
-        details["sms_date"] = str(a.event.payload.get("date", a.event.sent_at.isoformat()))
-        if a.event.received_at is not None:
-            timestamp = _utc_rfc3339(a.event.received_at)
+    if isinstance(a.event, SmsRecord):
+        timestamp = _utc_rfc3339(a.event.sent_at)
+        if timestamp is None:
+            details["sms_date"] = str(a.event.payload.get("date", a.event.sent_at.isoformat()))
+    else:
+        timestamp = _utc_rfc3339(a.event.started_at) if a.event.started_at else None
+    if timestamp is None and a.event.received_at is not None:
+        timestamp = _utc_rfc3339(a.event.received_at)
     if timestamp is not None:
         payload["timestamp"] = timestamp
     return {
