@@ -81,7 +81,12 @@ pids+=($!)
 if [ -n "${HUBSPOT_TOKEN:-}" ]; then
   CONSUMER_PORT=8083 "$bin/python" -m consumers crm &
   pids+=($!)
+  # Calls as HubSpot call engagements; its own dedupe file (one namespace per topic anyway).
+  CONSUMER_PORT=8086 CONSUMER_EVENT_KIND=call \
+    DEDUPE_URL=${DEDUPE_URL:-sqlite:///.data/dedupe-crm-calls.sqlite3} \
+    "$bin/python" -m consumers crm &
+  pids+=($!)
 fi
-echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8084 (warehouse, calls), :8082 (alerts), :8085 (alerts, calls)${HUBSPOT_TOKEN:+, :8083 (crm)}" >&2
+echo "run: consumer metrics on http://127.0.0.1:8081/metrics (warehouse), :8084 (warehouse, calls), :8082 (alerts), :8085 (alerts, calls)${HUBSPOT_TOKEN:+, :8083 (crm), :8086 (crm, calls)}" >&2
 # Wait for any service to end (Ctrl-C lands in the trap above).
 wait -n "${pids[@]}" || true

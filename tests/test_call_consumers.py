@@ -16,13 +16,19 @@ import asyncpg
 import duckdb
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from consumers.records import CallRecord, RecordDecoder
 from consumers.settings import ConsumerSettings
+from consumers.sinks.crm import call_properties
 from onoff_events.cloudevents import EventHeaders, rfc3339_now
 from onoff_events.event_kinds import CALL
 from onoff_events.kafka import KafkaSettings, ensure_topics
 from tests.conftest import wait_until
 from tests.consumer_harness import InProcessConsumer, consumer_env, make_topics, publish
+from tests.fakes.hubspot import DEFAULT_TOKEN, FakeHubSpot
 from tests.payloads import call_event, sms_event
 
 CALL_HEADERS = EventHeaders("/tests", CALL)
@@ -306,3 +312,119 @@ targets = ["alertmanager"]
     assert missed["id"] in description
     assert KEY_CUSTOMER not in str(alert)  # masked, as for SMS
     assert vm_alert["labels"]["kind"] == "voicemail"
+
+
+# --- HubSpot calls -------------------------------------------------------------------------
+
+
+async def test_calls_are_logged_as_hubspot_calls_on_the_contact_once_each(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A CDR, a voicemail and a recording from a known contact (each sent twice): one HubSpot
+    call engagement each (crm/v3/objects/calls), on the contact, with direction, status,
+    duration in ms and the recording (the voicemail's audio for a VM)."""
+    hubspot = FakeHubSpot()
+    await hubspot.start()
+    try:
+        contact = hubspot.seed_contact({"firstname": "Key", "phone": "+33612345678"})
+        topic = await call_topic(kafka_bootstrap)
+        await ensure_topics(
+            KafkaSettings(bootstrap_servers=kafka_bootstrap), {f"{topic}.crm.dlq": 1}
+        )
+        cdr = call_event(externalNumber="06 12 34 56 78")
+        vm = call_event(
+            eventName="VM",
+            callStatus=None,
+            callDirection=None,
+            externalNumber="+33612345678",
+            voicemailUrl="https://example.com/vm/1.mp3",
+            voicemailDuration=31,
+        )
+        recording = call_event(
+            eventName="RECORDING",
+            callDirection="OUTGOING",
+            externalNumber="+33612345678",
+            callRecordingUrl="https://example.com/rec/1.mp3",
+            callDuration=12.5,
+        )
+        await publish_calls(kafka_bootstrap, topic, [cdr, vm, recording, cdr, vm])
+        env = consumer_env(
+            kafka_bootstrap,
+            topic,
+            CONSUMER_EVENT_KIND="call",
+            KAFKA_CALL_TOPIC=topic,
+            HUBSPOT_TOKEN=DEFAULT_TOKEN,
+            HUBSPOT_BASE_URL=hubspot.base_url,
+            DEDUPE_URL=f"sqlite:///{tmp_path}/dedupe.sqlite3",
+        )
+        async with InProcessConsumer(env, sink_name="crm") as consumer:
+            await wait_until(lambda: len(hubspot.calls) == 3, 30, "three HubSpot calls")
+            await wait_until(
+                lambda: consumer.metric("onoff_consumer_events_consumed_total") == 5,
+                10,
+                "5 call records consumed",
+            )
+            assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+        by_event = {c.properties["onoff_event_id"]: c for c in hubspot.calls}
+        assert set(by_event) == {cdr["id"], vm["id"], recording["id"]}
+        assert hubspot.communications == []
+        logged = by_event[cdr["id"]]
+        assert logged.contact_ids == [contact]
+        assert logged.associations[0]["associationTypeId"] == 194
+        props = logged.properties
+        assert (props["hs_call_direction"], props["hs_call_status"]) == ("INBOUND", "COMPLETED")
+        assert props["hs_call_duration"] == "125000"
+        assert props["hs_timestamp"].startswith("2023-05-20T14:30:00")
+        assert "Call from 06 12 34 56 78" in props["hs_call_body"]  # the number as sent
+        voicemail = by_event[vm["id"]].properties
+        assert voicemail["hs_call_recording_url"] == "https://example.com/vm/1.mp3"
+        assert (voicemail["hs_call_status"], voicemail["hs_call_duration"]) == (
+            "NO_ANSWER",
+            "31000",
+        )
+        recorded = by_event[recording["id"]].properties
+        assert recorded["hs_call_direction"] == "OUTBOUND"
+        assert recorded["hs_call_recording_url"] == "https://example.com/rec/1.mp3"
+        assert recorded["hs_call_duration"] == "12500"
+    finally:
+        await hubspot.close()
+
+
+CALL_DATES = st.none() | st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+).map(lambda d: d.isoformat())
+ANY_CALL = st.fixed_dictionaries(
+    {"id": st.uuids().map(str), "eventName": st.sampled_from(["CDR", "VM", "RECORDING"])},
+    optional={
+        "callStarted": CALL_DATES,
+        "callEnded": CALL_DATES,
+        "callDuration": st.none() | st.integers(0, 10**7) | st.floats(0, 1e7),
+        "voicemailDuration": st.none() | st.floats(0, 1e5),
+        "callDirection": st.none() | st.text(max_size=64),
+        "callStatus": st.none() | st.text(max_size=64),
+        "callNotes": st.none() | st.text(),
+        "externalNumber": st.none() | st.text(max_size=64),
+        "voicemailUrl": st.none() | st.text(max_size=100),
+        "callRecordingUrl": st.none() | st.text(max_size=100),
+    },
+)
+
+
+@settings(max_examples=200)
+@given(ANY_CALL)
+def test_every_call_the_gateway_accepts_maps_to_a_hubspot_call_it_would_take(
+    event: dict[str, Any],
+) -> None:
+    decoded = RecordDecoder(CALL).decode(
+        ConsumerRecord("t", 0, 0, 0, 0, None, orjson.dumps(event), None, 0, 0, [])
+    )
+    if not isinstance(decoded, CallRecord):
+        return  # refused by the schema: never reaches a sink
+    properties = call_properties(decoded)
+    assert all(isinstance(v, str) for v in properties.values())
+    assert properties["hs_timestamp"].endswith("Z")
+    assert properties.get("hs_call_direction", "INBOUND") in ("INBOUND", "OUTBOUND")
+    assert properties.get("hs_call_status", "COMPLETED") in (
+        "COMPLETED", "NO_ANSWER", "BUSY", "FAILED", "CANCELED",
+    )  # fmt: skip
+    assert properties.get("hs_call_duration", "0").isdigit()

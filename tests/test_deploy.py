@@ -461,11 +461,8 @@ async def test_every_workload_starts_with_its_rendered_settings(
         for w in workloads
         if w.command[0] == "onoff-consumer"
     )
-    # One service per sink and topic: every sink for SMS; the warehouse and alerts for calls
-    # (the CRM's calls are not built yet).
-    assert services == sorted(
-        [(sink, "sms") for sink in SINKS] + [("warehouse", "call"), ("alerts", "call")]
-    )
+    # One service per sink and topic.
+    assert services == sorted((sink, kind.name) for sink in SINKS for kind in KINDS)
     assert [w.command for w in workloads if w.command[0] != "onoff-consumer"] == [["onoff-gateway"]]
     for workload in workloads:
         if workload.command == ["onoff-gateway"]:
@@ -812,6 +809,7 @@ def test_prod_topics_are_durable(rendered: dict[str, list[dict[str, Any]]]) -> N
         "call-events.dlq",
         "call-events.warehouse.dlq",
         "call-events.alerts.dlq",
+        "call-events.crm.dlq",
     } | {f"sms-events.{sink}.dlq" for sink in SINK_NAMES}
     assert topics["sms-events"]["partitions"] >= 12
     for name, spec in topics.items():

@@ -1,11 +1,14 @@
-"""The CRM sink: every SMS logged as a communication on the right HubSpot contact.
+"""The CRM sink: every SMS logged as a communication, every call as a call, on the right
+HubSpot contact.
 
 HubSpot CRM API v3, private-app token. Per batch: find the events already logged (a
 communication whose ``onoff_event_id`` property holds the event id: a consumer that crashed
 after creating it but before confirming it in the dedupe store must not log it twice), find
 the contacts by phone number in E.164 (one search per 25 numbers), create the contacts that
 are missing when ``CRM_UNKNOWN_CONTACT=create`` (else skip and count them), then create one
-communication per event, associated with its contact. Setup and limits: docs/crm.md.
+communication per event, associated with its contact. Calls (the service of call-events,
+``CONSUMER_EVENT_KIND=call``) go the same way as HubSpot call engagements (``calls``: direction,
+status, duration in ms, the recording or voicemail URL). Setup and limits: docs/crm.md.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from aiolimiter import AsyncLimiter
 from prometheus_client import CollectorRegistry, Counter
 
 from consumers.phones import phone_region, to_e164
-from consumers.records import SmsRecord
+from consumers.records import CallRecord, EventRecord, SmsRecord
 from consumers.sinks import Delivery, SinkConfigError, TransientSinkError
 from consumers.sinks.http import AuthRejected, JsonApi, RequestRejected, TargetMetrics
 from onoff_events import settings as s
 
 log = logging.getLogger("consumers.crm")
 COMMUNICATION_TO_CONTACT = 81  # HubSpot-defined association type id
+CALL_TO_CONTACT = 194  # HubSpot-defined association type id, calls → contacts
 SEARCH_PAGE = 100  # values per IN filter and results per page
 # HubSpot's search index shows a new object a few seconds after it is written: after a create
 # that may have succeeded (timeout, 5xx), wait this long before checking and retrying.
@@ -43,6 +47,7 @@ T = TypeVar("T")
 
 class CrmSink:
     name = "crm"
+    event_kinds = frozenset({"sms", "call"})  # communications, calls
 
     def __init__(
         self,
@@ -56,8 +61,11 @@ class CrmSink:
         searches_per_second: int = 4,
         event_id_property: str = "onoff_event_id",
         create_retry_seconds: float = DEFAULT_CREATE_RETRY_SECONDS,
+        event_kind: str = "sms",
     ) -> None:
         self._create_retry = create_retry_seconds
+        # The engagement each event becomes: an SMS a communication, a call a call.
+        self._object = "calls" if event_kind == "call" else "communications"
         # The search index lags our creates by up to create_retry_seconds: a batch taken over
         # from another member waits that long past its last lease renewal (runner renews
         # every third of it), so whatever that member created is searchable first.
@@ -99,7 +107,7 @@ class CrmSink:
     async def close(self) -> None:
         await self._api.close()
 
-    async def deliver(self, events: Sequence[SmsRecord]) -> Delivery:
+    async def deliver(self, events: Sequence[EventRecord]) -> Delivery:
         """A batch in a fixed number of requests per 100 events: one search for the ids
         already logged, the contact searches (25 numbers each, cached), one batch create of
         the missing contacts, one batch create of the communications. An input HubSpot
@@ -107,13 +115,16 @@ class CrmSink:
         pending = [e for e in events if e.event_id not in self._logged]
         already = await self._already_logged([e.event_id for e in pending])
         pending = [e for e in pending if e.event_id not in already]
-        numbers = {e.event_id: to_e164(e.payload["externalNumber"], self._region) for e in pending}
+        numbers = {
+            e.event_id: to_e164(str(e.payload.get("externalNumber") or ""), self._region)
+            for e in pending
+        }
         cached_before = set(self._contact_cache)
         contacts = await self._find_contacts({n for n in numbers.values() if n is not None})
         rejected: dict[str, str] = {}
         if self._create_missing:
             rejected = await self._add_missing_contacts(pending, numbers, contacts)
-        to_log: list[tuple[SmsRecord, str]] = []
+        to_log: list[tuple[EventRecord, str]] = []
         for event in pending:
             number = numbers[event.event_id]
             if event.event_id in rejected:
@@ -127,7 +138,7 @@ class CrmSink:
                 to_log.append((event, contacts[number]))
         stale: set[str] = set()
         for chunk in _chunks(to_log, BATCH_INPUTS):
-            for event, reason in (await self._log_sms_batch(chunk)).items():
+            for event, reason in (await self._log_batch(chunk)).items():
                 number = numbers[event.event_id]
                 if number in cached_before:
                     stale.add(number)
@@ -147,13 +158,13 @@ class CrmSink:
 
     async def _add_missing_contacts(
         self,
-        pending: Sequence[SmsRecord],
+        pending: Sequence[EventRecord],
         numbers: Mapping[str, str | None],
         contacts: dict[str, str],
     ) -> dict[str, str]:
         """Create the contacts ``contacts`` lacks (in place); return the events whose contact
         HubSpot refused, with why (they go to the DLQ)."""
-        unknown: dict[str, SmsRecord] = {}
+        unknown: dict[str, EventRecord] = {}
         for event in pending:
             number = numbers[event.event_id]
             if number is not None and number not in contacts:
@@ -168,7 +179,7 @@ class CrmSink:
         }
 
     async def _create_contacts(
-        self, unknown: Mapping[str, SmsRecord]
+        self, unknown: Mapping[str, EventRecord]
     ) -> tuple[dict[str, str], dict[str, str]]:
         """Batch-create a contact per number: (number → new contact id, number → why HubSpot
         refused it). A number whose e-mail belongs to another contact gets that contact."""
@@ -207,18 +218,36 @@ class CrmSink:
             created[number] = owners[email]
         return created, refused
 
-    async def _log_sms_batch(self, chunk: Sequence[tuple[SmsRecord, str]]) -> dict[SmsRecord, str]:
-        """One batch create of communications; returns the events HubSpot refused, with why.
+    async def _log_batch(self, chunk: Sequence[tuple[EventRecord, str]]) -> dict[EventRecord, str]:
+        """One batch create of engagements; returns the events HubSpot refused, with why.
         Those it created are remembered (a retry of the batch skips them)."""
-        inputs = {event.event_id: self._communication(event, contact) for event, contact in chunk}
-        results, errors = await self._batch_create("communications", inputs)
+        inputs = {event.event_id: self._engagement(event, contact) for event, contact in chunk}
+        results, errors = await self._batch_create(self._object, inputs)
         by_id = {event.event_id: event for event, _ in chunk}
-        for event_id, communication in results.items():
-            self._remember(event_id, communication)
+        for event_id, engagement in results.items():
+            self._remember(event_id, engagement)
         self._api.count_delivered(len(results))
         return {
             by_id[event_id]: f"hubspot refused: {category}" for event_id, category in errors.items()
         }
+
+    def _engagement(self, event: EventRecord, contact: str) -> dict[str, Any]:
+        if isinstance(event, CallRecord):
+            properties = call_properties(event)
+            association = CALL_TO_CONTACT
+        else:
+            properties = {
+                "hs_communication_channel_type": "SMS",
+                "hs_communication_logged_from": "CRM",
+                "hs_communication_body": communication_body(event.payload),
+                "hs_timestamp": hubspot_timestamp(event),
+            }
+            association = COMMUNICATION_TO_CONTACT
+        return {
+            "properties": {**properties, self._id_property: event.event_id},
+            "associations": [{"to": {"id": contact}, "types": [
+                {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": association}]}],
+        }  # fmt: skip
 
     async def _batch_create(
         self, object_type: str, inputs: Mapping[str, dict[str, Any]]
@@ -253,27 +282,13 @@ class CrmSink:
             )
         return created, refused
 
-    def _communication(self, event: SmsRecord, contact: str) -> dict[str, Any]:
-        return {
-            "properties": {
-                "hs_communication_channel_type": "SMS",
-                "hs_communication_logged_from": "CRM",
-                "hs_communication_body": communication_body(event.payload),
-                "hs_timestamp": hubspot_timestamp(event),
-                self._id_property: event.event_id,
-            },
-            "associations": [{"to": {"id": contact}, "types": [
-                {"associationCategory": "HUBSPOT_DEFINED",
-                 "associationTypeId": COMMUNICATION_TO_CONTACT}]}],
-        }  # fmt: skip
-
     async def _already_logged(self, event_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(event_ids):
             query = {"filterGroups": [{"filters": [
                 {"propertyName": self._id_property, "operator": "IN", "values": chunk}]}],
                 "properties": [self._id_property]}  # fmt: skip
-            for result in await self._search("communications", query):
+            for result in await self._search(self._object, query):
                 found.add(result["properties"].get(self._id_property))
         return found
 
@@ -369,6 +384,72 @@ def hubspot_timestamp(event: SmsRecord) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+# Onoff's callStatus and callDirection values are undocumented; these are the ones we expect.
+# A value not listed is left out of the engagement (HubSpot refuses values it does not know).
+CALL_STATUSES = {
+    "ANSWERED": "COMPLETED",
+    "COMPLETED": "COMPLETED",
+    "MISSED": "NO_ANSWER",
+    "NO_ANSWER": "NO_ANSWER",
+    "BUSY": "BUSY",
+    "FAILED": "FAILED",
+    "CANCELED": "CANCELED",
+    "CANCELLED": "CANCELED",
+}
+CALL_DIRECTIONS = {"INCOMING": "INBOUND", "INBOUND": "INBOUND", "OUTGOING": "OUTBOUND",
+                   "OUTBOUND": "OUTBOUND"}  # fmt: skip
+
+
+def call_properties(event: CallRecord) -> dict[str, str]:
+    """The HubSpot call engagement's properties for one Onoff call (pure). A voicemail is a
+    call with no answer whose recording is the voicemail; ``hs_call_duration`` is in ms."""
+    p = event.payload
+    voicemail = p.get("eventName") == "VM"
+    direction = CALL_DIRECTIONS.get(str(p.get("callDirection") or "").upper())
+    status = CALL_STATUSES.get(str(p.get("callStatus") or "").upper())
+    if voicemail:
+        direction, status = direction or "INBOUND", status or "NO_ANSWER"
+    seconds = p.get("voicemailDuration") if voicemail else p.get("callDuration")
+    recording = p.get("voicemailUrl") if voicemail else p.get("callRecordingUrl")
+    moment = event.started_at or event.received_at or datetime.now(UTC)
+    try:
+        stamp = moment.astimezone(UTC)
+    except (OverflowError, ValueError):
+        stamp = datetime.now(UTC)
+    properties = {
+        "hs_timestamp": stamp.isoformat().replace("+00:00", "Z"),
+        "hs_call_title": "Onoff voicemail" if voicemail else "Onoff call",
+        "hs_call_body": call_body(p),
+    }
+    if direction:
+        properties["hs_call_direction"] = direction
+    if status:
+        properties["hs_call_status"] = status
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+        properties["hs_call_duration"] = str(round(seconds * 1000))
+    if isinstance(recording, str) and recording:
+        properties["hs_call_recording_url"] = recording
+    return properties
+
+
+def call_body(payload: Mapping[str, Any]) -> str:
+    """The call's description (HubSpot renders it as HTML): who, which way, how it ended."""
+    kind = {"VM": "Voicemail", "RECORDING": "Recorded call"}.get(
+        str(payload.get("eventName")), "Call"
+    )
+    incoming = str(payload.get("callDirection") or "").upper() in ("INCOMING", "INBOUND")
+    way = "from" if incoming or payload.get("eventName") == "VM" else "to"
+    external = html.escape(str(payload.get("externalNumber") or ""))
+    line = html.escape(str(payload.get("onoffUserNumber") or ""))
+    user = html.escape(str(payload.get("onoffUserName") or ""))
+    status = html.escape(str(payload.get("callStatus") or "unknown"))
+    text = f"<p><b>{kind} {way} {external}</b> (Onoff line {line}, {user}): {status}</p>"
+    notes = payload.get("callNotes")
+    if isinstance(notes, str) and notes:
+        text += "<p>" + html.escape(notes).replace("\n", "<br>") + "</p>"
+    return text
+
+
 def communication_body(payload: Mapping[str, Any]) -> str:
     """The communication's text (HubSpot renders it as HTML): who, which way, the message."""
     received = payload.get("smsDirection") == "RECEIVED"
@@ -396,7 +477,7 @@ def _chunks(items: Sequence[T], size: int = SEARCH_PAGE) -> list[list[T]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def _contact_properties(event: SmsRecord, number: str) -> dict[str, str]:
+def _contact_properties(event: EventRecord, number: str) -> dict[str, str]:
     first, _, last = (event.payload.get("externalName") or "").strip().partition(" ")
     properties = {"phone": number, "firstname": first, "lastname": last}
     email = event.payload.get("externalEmail")
@@ -456,4 +537,6 @@ def crm_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> CrmSink
             minimum=0,
             maximum=600,
         ),
+        # The service's event kind (consumers/settings.py): SMS or calls.
+        event_kind=env.get("CONSUMER_EVENT_KIND", "sms").strip(),
     )

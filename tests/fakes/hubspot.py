@@ -1,4 +1,5 @@
-"""A fake HubSpot CRM v3 API: contacts and communications (SMS / WhatsApp / LinkedIn messages).
+"""A fake HubSpot CRM v3 API: contacts, communications (SMS / WhatsApp / LinkedIn messages)
+and calls (``/crm/v3/objects/calls``: call→contact is HUBSPOT_DEFINED 194).
 
 Endpoints, as documented by HubSpot:
 
@@ -40,6 +41,20 @@ DEFAULT_TOKEN = "pat-na1-fake-token"  # noqa: S105 # the fake's own, known to th
 CHANNEL_TYPES = ("SMS", "WHATS_APP", "LINKEDIN_MESSAGE")
 BATCH_LIMIT = 100  # inputs per batch request, as HubSpot's CRM batch endpoints allow
 COMMUNICATION_TO_CONTACT = 81  # HUBSPOT_DEFINED association type id
+CALL_TO_CONTACT = 194  # HUBSPOT_DEFINED, calls → contacts
+ASSOCIATION_TO_CONTACT = {"communications": COMMUNICATION_TO_CONTACT, "calls": CALL_TO_CONTACT}
+# The calls engagement (https://developers.hubspot.com/docs/api/crm/calls): hs_timestamp
+# required; hs_call_duration in milliseconds; hs_call_direction and hs_call_status enumerated.
+CALL_PROPERTIES = frozenset(
+    {"hs_timestamp", "hs_call_title", "hs_call_body", "hs_call_direction", "hs_call_duration"}
+    | {"hs_call_status", "hs_call_recording_url", "hs_call_from_number", "hs_call_to_number"}
+    | {"hubspot_owner_id"}
+)
+CALL_DIRECTIONS = ("INBOUND", "OUTBOUND")
+CALL_STATUSES = (
+    "BUSY", "CALLING_CRM_USER", "CANCELED", "COMPLETED", "CONNECTING", "FAILED",
+    "IN_PROGRESS", "NO_ANSWER", "QUEUED", "RINGING",
+)  # fmt: skip
 CONTACT_PROPERTIES = frozenset(
     {"email", "firstname", "lastname", "phone", "mobilephone", "company", "website"}
     | {"jobtitle", "lifecyclestage", "hs_whatsapp_phone_number", "hubspot_owner_id"}
@@ -51,6 +66,7 @@ COMMUNICATION_PROPERTIES = frozenset(
 SYSTEM_PROPERTIES = {
     "contacts": ("hs_object_id", "createdate", "lastmodifieddate"),
     "communications": ("hs_object_id", "hs_createdate", "hs_lastmodifieddate"),
+    "calls": ("hs_object_id", "hs_createdate", "hs_lastmodifieddate"),
 }
 DEFAULT_SEARCH_PROPERTIES = {  # what a search returns when it names no properties
     "contacts": (
@@ -62,6 +78,7 @@ DEFAULT_SEARCH_PROPERTIES = {  # what a search returns when it names no properti
         "lastname",
     ),
     "communications": SYSTEM_PROPERTIES["communications"],
+    "calls": SYSTEM_PROPERTIES["calls"],
 }
 OPERATORS = frozenset({"EQ", "NEQ", "IN", "NOT_IN", "HAS_PROPERTY", "NOT_HAS_PROPERTY"})
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -113,7 +130,7 @@ class CrmRecord:
         return [
             a["toObjectId"]
             for a in self.associations
-            if a["associationTypeId"] == COMMUNICATION_TO_CONTACT
+            if a["associationTypeId"] in ASSOCIATION_TO_CONTACT.values()
         ]
 
     def to_json(self, names: Iterable[str] | None = None) -> dict[str, Any]:
@@ -150,9 +167,11 @@ class FakeHubSpot(FakeServer):
         self.search_lag = search_lag  # seconds before a new record shows in search, as in HubSpot
         self.contacts: list[CrmRecord] = []
         self.communications: list[CrmRecord] = []
+        self.calls: list[CrmRecord] = []
         self.properties: dict[str, set[str]] = {
             "contacts": set(CONTACT_PROPERTIES),
             "communications": set(COMMUNICATION_PROPERTIES) | set(custom_properties),
+            "calls": set(CALL_PROPERTIES) | set(custom_properties),
         }
         self._limiter = RollingWindowLimiter(rate_limit, rate_window)
         self._search_limiter = RollingWindowLimiter(search_rate_limit, search_window)
@@ -190,6 +209,8 @@ class FakeHubSpot(FakeServer):
             return object_type, self.contacts
         if object_type == "communications":
             return object_type, self.communications
+        if object_type == "calls":
+            return object_type, self.calls
         raise web.HTTPNotFound
 
     def _guard(self, request: web.Request, *, search: bool) -> web.Response | None:
@@ -361,6 +382,8 @@ class FakeHubSpot(FakeServer):
                     _problem("email", "INVALID_EMAIL", f"Email address {email} is invalid")
                 )
             return problems
+        if object_type == "calls":
+            return problems + self._call_problems(values)
         required = {
             "hs_communication_channel_type": CHANNEL_TYPES,
             "hs_communication_logged_from": ("CRM",),
@@ -379,6 +402,33 @@ class FakeHubSpot(FakeServer):
         elif _timestamp(stamp) is None:
             message = f"{stamp} is not a valid epoch millisecond or ISO 8601 UTC datetime"
             problems.append(_problem("hs_timestamp", "INVALID_DATETIME", message))
+        return problems
+
+    @staticmethod
+    def _call_problems(values: dict[str, str]) -> list[dict[str, Any]]:
+        problems = []
+        stamp = values.get("hs_timestamp")
+        if stamp is None:
+            problems.append(
+                _problem("hs_timestamp", "REQUIRED_PROPERTY", "hs_timestamp is required")
+            )
+        elif _timestamp(stamp) is None:
+            message = f"{stamp} is not a valid epoch millisecond or ISO 8601 UTC datetime"
+            problems.append(_problem("hs_timestamp", "INVALID_DATETIME", message))
+        for name, allowed in (
+            ("hs_call_direction", CALL_DIRECTIONS),
+            ("hs_call_status", CALL_STATUSES),
+        ):
+            if name in values and values[name] not in allowed:
+                message = f"{values[name]} was not one of the allowed options: {list(allowed)}"
+                problems.append(_problem(name, "INVALID_OPTION", message))
+        duration = values.get("hs_call_duration")
+        if duration is not None and not str(duration).isdigit():
+            problems.append(
+                _problem(
+                    "hs_call_duration", "INVALID_INTEGER", f"{duration} is not a valid integer"
+                )
+            )
         return problems
 
     def _associations(self, object_type: str, raw: Any) -> list[dict[str, Any]] | Refusal:
@@ -404,9 +454,10 @@ class FakeHubSpot(FakeServer):
                     if isinstance(kind, dict)
                     else None
                 )
-                if pair != ("HUBSPOT_DEFINED", COMMUNICATION_TO_CONTACT):
+                expected = ASSOCIATION_TO_CONTACT[object_type]
+                if pair != ("HUBSPOT_DEFINED", expected):
                     return _refused(
-                        f"Association type {pair} is not valid from communications to contacts"
+                        f"Association type {pair} is not valid from {object_type} to contacts"
                     )
                 if str(to["id"]) not in contact_ids:
                     return _refused(f"Association target contact {to['id']} does not exist")
@@ -414,7 +465,7 @@ class FakeHubSpot(FakeServer):
                     {
                         "toObjectId": str(to["id"]),
                         "associationCategory": "HUBSPOT_DEFINED",
-                        "associationTypeId": COMMUNICATION_TO_CONTACT,
+                        "associationTypeId": expected,
                     }
                 )
         return result
