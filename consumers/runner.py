@@ -90,7 +90,7 @@ class Runner:
         self._sink = sink
         self._dedupe = dedupe
         self._m = metrics
-        self._name = settings.sink
+        self._name = settings.service  # the metrics' sink label, and logs
         self._decoder = RecordDecoder(settings.kind)
         # A sink whose result does not depend on batch order (every row keyed, nothing read
         # back: the warehouse) takes the next batch while the previous one finishes. The CRM
@@ -588,7 +588,7 @@ class Runner:
     def _rejected_record(self, event: EventRecord, reason: str) -> tuple[bytes | None, bytes]:
         record: dict[str, Any] = {
             "dlq_version": 1,
-            "stage": self._name,
+            "stage": self._settings.sink,
             "reason": "rejected_by_sink",
             "detail": reason,
             "event_id": event.event_id,
@@ -614,7 +614,7 @@ class Runner:
         return poison.key, orjson.dumps(
             {
                 "dlq_version": 1,
-                "stage": self._name,
+                "stage": self._settings.sink,
                 "reason": poison.reason,
                 "detail": poison.detail,
                 "event_id": None,

@@ -107,6 +107,12 @@ class ConsumerSettings:
             env=dict(env),
         )
 
+    @property
+    def service(self) -> str:
+        """The service's name in metrics and logs (the ``sink`` label): the sink for SMS,
+        ``<sink>-calls`` for calls, so every panel and alert tells the two apart."""
+        return self.sink if self.kind is SMS else f"{self.sink}-calls"
+
     def describe(self) -> dict[str, Any]:
         """As logged at start: the dedupe URL without its password or query-string secrets."""
         return {

@@ -112,6 +112,10 @@ async def test_each_kind_of_call_is_one_row_of_onoff_calls_in_postgres_and_duckd
             )
             assert consumer.metric("onoff_consumer_duplicates_dropped_total") == 2
             assert consumer.metric("onoff_consumer_dlq_events_total") == 0
+            # Panels and alerts tell the services apart by the sink label.
+            delivered = "onoff_consumer_events_delivered_total"
+            assert consumer.metric(delivered, sink="warehouse-calls") == 4
+            assert consumer.metric(delivered, sink="warehouse") == 0
 
     conn = await asyncpg.connect(postgres_url)
     try:

@@ -485,7 +485,7 @@ def alerts_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> Aler
         burst = burst_store_from_url(state_url, s.text(env, "CONSUMER_GROUP", "onoff-alerts"))
     except ValueError as exc:
         raise SinkConfigError(f"ALERT_STATE_URL: {exc}") from None
-    return AlertsSink(
+    sink = AlertsSink(
         registry,
         rules=rules,
         targets={t: available[t]() for t in sorted(rules.targets)},
@@ -493,6 +493,9 @@ def alerts_from_env(env: Mapping[str, str], registry: CollectorRegistry) -> Aler
         region=region,
         sender_key=sender_key,
     )
+    if env.get("CONSUMER_EVENT_KIND", "").strip() == "call":
+        sink.name = "alerts-calls"  # its rule counts apart from the SMS service's
+    return sink
 
 
 DEFAULT_SENDER_KEY = "onoff-events"

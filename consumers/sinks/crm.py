@@ -64,8 +64,10 @@ class CrmSink:
         event_kind: str = "sms",
     ) -> None:
         self._create_retry = create_retry_seconds
-        # The engagement each event becomes: an SMS a communication, a call a call.
+        # The engagement each event becomes: an SMS a communication, a call a call. The call
+        # service's metrics say so (the sink label, as the runner's: consumers/settings.py).
         self._object = "calls" if event_kind == "call" else "communications"
+        self.name = "crm-calls" if event_kind == "call" else "crm"
         # The search index lags our creates by up to create_retry_seconds: a batch taken over
         # from another member waits that long past its last lease renewal (runner renews
         # every third of it), so whatever that member created is searchable first.
