@@ -167,7 +167,7 @@ def test_every_event_the_checker_accepts_maps_in_the_warehouse_and_the_crm(
     assert _pg_row(decoded)[0] == raw.decode()
 
     # (b) The CRM communication: JSON-encodable, its timestamp the same instant in UTC.
-    communication = crm()._communication(decoded, "contact-1")
+    communication = crm()._engagement(decoded, "contact-1")
     orjson.dumps(communication)
     properties = communication["properties"]
     timestamp = properties["hs_timestamp"]

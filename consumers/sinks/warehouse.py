@@ -169,18 +169,29 @@ FROM_PAYLOAD = {
 
 
 def warehouse_row(event: SmsRecord) -> tuple[Any, ...]:
-    """The table row of one event, in COLUMNS order (pure)."""
-    p = event.payload
+    """The ``sms_events`` row of one event, in COLUMNS order (pure)."""
+    return _row(event, COLUMNS, FROM_PAYLOAD, {"sent_at": event.sent_at})
+
+
+def _row(
+    event: EventRecord,
+    columns: Sequence[str],
+    from_payload: Mapping[str, str],
+    own: Mapping[str, Any],
+) -> tuple[Any, ...]:
+    """A row in ``columns`` order: what every table keeps of where the event was read, the
+    event's ``own`` columns, and the rest from the payload (pure)."""
     known = {
         "id": event.event_id,
-        "sent_at": event.sent_at,
         "payload": event.raw.decode(),
         "kafka_topic": event.topic,
         "kafka_partition": event.partition,
         "kafka_offset": event.offset,
         "received_at": event.received_at,
+        **own,
     }
-    return tuple(known[c] if c in known else p.get(FROM_PAYLOAD[c]) for c in COLUMNS)
+    p = event.payload
+    return tuple(known[c] if c in known else p.get(from_payload[c]) for c in columns)
 
 
 CALL_COLUMNS = (
@@ -210,18 +221,8 @@ CALL_FROM_PAYLOAD = {
 
 def call_row(event: CallRecord) -> tuple[Any, ...]:
     """The ``onoff_calls`` row of one call event, in CALL_COLUMNS order (pure)."""
-    p = event.payload
-    known = {
-        "id": event.event_id,
-        "started_at": event.started_at,
-        "ended_at": event.ended_at,
-        "payload": event.raw.decode(),
-        "kafka_topic": event.topic,
-        "kafka_partition": event.partition,
-        "kafka_offset": event.offset,
-        "received_at": event.received_at,
-    }
-    return tuple(known[c] if c in known else p.get(CALL_FROM_PAYLOAD[c]) for c in CALL_COLUMNS)
+    own = {"started_at": event.started_at, "ended_at": event.ended_at}
+    return _row(event, CALL_COLUMNS, CALL_FROM_PAYLOAD, own)
 
 
 @dataclass(frozen=True, slots=True)

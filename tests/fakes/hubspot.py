@@ -394,27 +394,11 @@ class FakeHubSpot(FakeServer):
             elif values[name] not in allowed:
                 message = f"{values[name]} was not one of the allowed options: {list(allowed)}"
                 problems.append(_problem(name, "INVALID_OPTION", message))
-        stamp = values.get("hs_timestamp")
-        if stamp is None:
-            problems.append(
-                _problem("hs_timestamp", "REQUIRED_PROPERTY", "hs_timestamp is required")
-            )
-        elif _timestamp(stamp) is None:
-            message = f"{stamp} is not a valid epoch millisecond or ISO 8601 UTC datetime"
-            problems.append(_problem("hs_timestamp", "INVALID_DATETIME", message))
-        return problems
+        return problems + _timestamp_problems(values)
 
     @staticmethod
     def _call_problems(values: dict[str, str]) -> list[dict[str, Any]]:
-        problems = []
-        stamp = values.get("hs_timestamp")
-        if stamp is None:
-            problems.append(
-                _problem("hs_timestamp", "REQUIRED_PROPERTY", "hs_timestamp is required")
-            )
-        elif _timestamp(stamp) is None:
-            message = f"{stamp} is not a valid epoch millisecond or ISO 8601 UTC datetime"
-            problems.append(_problem("hs_timestamp", "INVALID_DATETIME", message))
+        problems = _timestamp_problems(values)
         for name, allowed in (
             ("hs_call_direction", CALL_DIRECTIONS),
             ("hs_call_status", CALL_STATUSES),
@@ -552,6 +536,17 @@ class FakeHubSpot(FakeServer):
         if operator in ("EQ", "NEQ") and "value" not in search_filter:
             return f"Operator {operator} needs a 'value'"
         return None
+
+
+def _timestamp_problems(values: dict[str, str]) -> list[dict[str, Any]]:
+    """``hs_timestamp``, required on every engagement: epoch ms or ISO 8601 UTC."""
+    stamp = values.get("hs_timestamp")
+    if stamp is None:
+        return [_problem("hs_timestamp", "REQUIRED_PROPERTY", "hs_timestamp is required")]
+    if _timestamp(stamp) is None:
+        message = f"{stamp} is not a valid epoch millisecond or ISO 8601 UTC datetime"
+        return [_problem("hs_timestamp", "INVALID_DATETIME", message)]
+    return []
 
 
 def _timestamp(value: str) -> str | None:
