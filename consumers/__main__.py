@@ -145,7 +145,7 @@ def _replay(
             total=plan.total,
         )
         if target is None:
-            counted = await dry_run(settings.kafka, plan)
+            counted = await dry_run(settings.kafka, plan, kind=settings.kind)
             return {"sink": settings.sink, "dry_run": True, "total": plan.total} | counted
         log_event(log, "replay_starting", settings=settings.describe())
         return (await replay(settings, *target, plan)).as_json()

@@ -354,8 +354,10 @@ def call_matches(
             return False
         if rule.kind == "voicemail":
             return event_name == "VM"
+        # A voicemail is reported by the voicemail rule alone, whatever status it carries.
         return (
             rule.kind == "missed_call"
+            and event_name != "VM"
             and status_up in rule.statuses
             and (not rule.call_directions or direction_up in rule.call_directions)
         )

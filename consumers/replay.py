@@ -34,11 +34,12 @@ from prometheus_client import CollectorRegistry
 
 from consumers.dedupe import DedupeStore
 from consumers.metrics import ConsumerMetrics
-from consumers.records import PoisonRecord, RecordDecoder, SmsRecord, next_offsets
+from consumers.records import PoisonRecord, RecordDecoder, next_offsets
 from consumers.runner import Runner, _Fetched
 from consumers.settings import ConsumerSettings
 from consumers.sinks import Sink
 from onoff_events.cloudevents import parse_rfc3339
+from onoff_events.event_kinds import SMS, EventKind
 from onoff_events.kafka import KafkaSettings, topic_partitions
 from onoff_events.logs import log_event
 
@@ -279,6 +280,14 @@ class ReplayRunner(Runner):
         if self.finished:
             self.stop()
 
+    async def _finish(self, handling: Any) -> bool:
+        abandoned = await super()._finish(handling)
+        if abandoned:
+            # Read to the end is not delivered to the end: a batch given up uncommitted (a
+            # stop while it retried) makes the replay incomplete, resumable from its commits.
+            self.finished = False
+        return abandoned
+
     async def _commit(
         self, consumer: AIOKafkaConsumer, to_commit: dict[tuple[str, int], int]
     ) -> None:
@@ -291,6 +300,7 @@ class ReplayRunner(Runner):
 class ReplaySummary:
     sink: str
     group_id: str
+    kind: str
     read: int
     delivered: int
     already_present: int
@@ -310,9 +320,11 @@ class ReplaySummary:
             "complete": self.complete,
         }
         if not self.complete:
+            # The kind goes with the command: the offsets are those of its topic.
+            prefix = "" if self.kind == SMS.name else f"CONSUMER_EVENT_KIND={self.kind} "
             out["resume"] = (
-                f"onoff-consumer {self.sink} --replay-from {format_offsets(self.resume_from)} "
-                f"--until {format_offsets(self.until)}"
+                f"{prefix}onoff-consumer {self.sink} --replay-from "
+                f"{format_offsets(self.resume_from)} --until {format_offsets(self.until)}"
             )
         return out
 
@@ -414,6 +426,7 @@ async def replay(
     return ReplaySummary(
         sink=settings.sink,
         group_id=settings.group_id,
+        kind=settings.kind.name,
         read=_metric(registry, "onoff_consumer_events_consumed_total"),
         delivered=_metric(registry, "onoff_consumer_events_delivered_total"),
         already_present=_metric(registry, "onoff_consumer_duplicates_dropped_total"),
@@ -428,6 +441,7 @@ async def dry_run(
     kafka: KafkaSettings,
     replay_range: ReplayRange,
     only: frozenset[tuple[int, int]] | None = None,
+    kind: EventKind = SMS,
 ) -> dict[str, int]:
     """What a replay of ``replay_range`` would read: records, distinct event ids, and poison
     (records no sink can use); nothing is delivered, no group is used."""
@@ -436,7 +450,7 @@ async def dry_run(
         for p in replay_range.start
         if replay_range.start[p] < replay_range.until[p]
     ]
-    decoder = RecordDecoder()
+    decoder = RecordDecoder(kind)
     ids: set[str] = set()
     records = poison = 0
     if partitions:
@@ -461,7 +475,7 @@ async def dry_run(
                         event = decoder.decode(r)
                         if isinstance(event, PoisonRecord):
                             poison += 1
-                        elif isinstance(event, SmsRecord):
+                        else:
                             ids.add(event.event_id)
                 for tp in list(remaining):
                     if await consumer.position(tp) >= replay_range.until[tp.partition]:

@@ -64,11 +64,10 @@ MSG
 pids+=($!)
 CONSUMER_PORT=8081 "$bin/python" -m consumers warehouse &
 pids+=($!)
-# Calls into onoff_calls: a service of their own (one per topic), and its own DuckDB file
-# (DuckDB takes one writer per file; with PostgreSQL both services share the database).
-CONSUMER_PORT=8084 CONSUMER_EVENT_KIND=call \
-  WAREHOUSE_URL=${WAREHOUSE_CALLS_URL:-${WAREHOUSE_URL:-duckdb:///.data/warehouse-calls.duckdb}} \
-  "$bin/python" -m consumers warehouse &
+# Calls into onoff_calls: a service of their own (one per topic), with its own DuckDB file
+# by default (.data/warehouse-calls.duckdb: one writer per file; with PostgreSQL both services
+# share the database).
+CONSUMER_PORT=8084 CONSUMER_EVENT_KIND=call "$bin/python" -m consumers warehouse &
 pids+=($!)
 CONSUMER_PORT=8082 ALERT_RULES_FILE=${ALERT_RULES_FILE:-config/alert-rules.example.toml} \
   "$bin/python" -m consumers alerts &

@@ -301,4 +301,5 @@ def test_call_rules_match_calls_and_sms_rules_do_not() -> None:
     assert names("CDR", "MISSED", "INCOMING", "+33699887766") == {"any"}
     assert names("CDR", "ANSWERED", "INCOMING", key) == set()
     assert names("VM", None, None, None) == {"v"}
+    assert names("VM", "MISSED", "INCOMING", key) == {"v"}  # one alert for one voicemail
     assert stateless_matches(rules, "missed", "RECEIVED", key) == [rules[3]]

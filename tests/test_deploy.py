@@ -463,6 +463,11 @@ async def test_every_workload_starts_with_its_rendered_settings(
     )
     # One service per sink and topic.
     assert services == sorted((sink, kind.name) for sink in SINKS for kind in KINDS)
+    # The CRM services share one HubSpot token: their paces add up within HubSpot's limits
+    # per app (100 requests per 10 s, 5 searches per second), with the margin ours keep.
+    crm = [w.env for w in workloads if w.command[-1] == "crm"]
+    assert sum(int(e["CRM_REQUESTS_PER_10S"]) for e in crm) <= 90
+    assert sum(int(e["CRM_SEARCHES_PER_SECOND"]) for e in crm) <= 4
     assert [w.command for w in workloads if w.command[0] != "onoff-consumer"] == [["onoff-gateway"]]
     for workload in workloads:
         if workload.command == ["onoff-gateway"]:

@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from consumers.dedupe import dedupe_from_url
+from consumers.dedupe import SinkDedupe, dedupe_from_url
 from consumers.replay import (
     Progress,
     ReplayError,
@@ -45,7 +45,7 @@ from consumers.replay import (
     resolve_range,
 )
 from consumers.settings import ConsumerSettings
-from consumers.sinks import SINKS
+from consumers.sinks import SINKS, Delivery, TransientSinkError
 from tests.conftest import ROOT, wait_until
 from tests.consumer_harness import (
     InProcessConsumer,
@@ -399,3 +399,60 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(
     assert len(reports) == 2
     assert [r.fields["done"] for r in reports] == [50, 200]  # type: ignore[attr-defined]
     assert reports[0].fields["total"] == 200  # type: ignore[attr-defined]
+
+
+class FailsFromTheThirdBatch:
+    """A sink that takes two batches, then is down (transient): the third batch retries."""
+
+    name = "warehouse"
+    idempotent_by_key = True
+    # As the warehouse: the next batch is read while this one is delivered, so the end of the
+    # range is seen while the last batch still retries.
+    overlapping_batches = True
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.delivered: list[str] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def deliver(self, events: Sequence[Any]) -> Delivery:
+        self.batches += 1
+        if self.batches >= 3:
+            raise TransientSinkError("down")
+        self.delivered += [e.event_id for e in events]
+        return Delivery()
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_stop_while_the_last_batch_retries_is_not_complete_and_resumes_it(
+    kafka_bootstrap: str,
+) -> None:
+    """The whole range was read (the end reached) but its last batch was still retrying when
+    the stop came: the summary must say incomplete and resume from that batch, never claim
+    the range delivered (a re-drive would then mark it done in its ledger)."""
+    topic = await make_topics(kafka_bootstrap, partitions=1)
+    events = [sms_event() for _ in range(30)]
+    await publish(kafka_bootstrap, topic, events)
+    env = consumer_env(kafka_bootstrap, topic, CONSUMER_MAX_BATCH="10", DEDUPE_URL="sink")
+    settings = replay_settings(ConsumerSettings.from_env("warehouse", env))
+    sink = FailsFromTheThirdBatch()
+    plan = await resolve_range(settings.kafka, topic, {0: 0}, None)
+    stop = asyncio.Event()
+
+    async def stop_once_retrying() -> None:
+        # The third batch failed at least twice: it is retrying.
+        await wait_until(lambda: sink.batches >= 4, 30, "the third batch to retry")
+        await asyncio.sleep(1.5)  # and the fetch after it found the end of the range
+        stop.set()
+
+    stopper = asyncio.create_task(stop_once_retrying())
+    summary = await asyncio.wait_for(replay(settings, sink, SinkDedupe(), plan, stop=stop), 60)
+    await stopper
+    assert sink.delivered == [e["id"] for e in events[:20]]
+    assert summary.complete is False
+    assert summary.resume_from == {0: 20}
+    assert summary.as_json()["resume"].endswith("--replay-from 0:20 --until 0:30")

@@ -427,7 +427,9 @@ def call_properties(event: CallRecord) -> dict[str, str]:
         properties["hs_call_direction"] = direction
     if status:
         properties["hs_call_status"] = status
-    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
+    # The schema bounds durations below only: a call over a year long is no call's duration
+    # (and 1e306 seconds would not even convert to milliseconds).
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and 0 <= seconds < 3e7:
         properties["hs_call_duration"] = str(round(seconds * 1000))
     if isinstance(recording, str) and recording:
         properties["hs_call_recording_url"] = recording

@@ -271,7 +271,12 @@ def _duck_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:
+            # Deeper than orjson writes (254 levels, tags' items may hold anything): the
+            # column stays empty, the payload column keeps them as sent.
+            return None
     return value
 
 
@@ -590,9 +595,14 @@ CALL_TABLE = Table(
 
 
 def warehouse_from_env(env: Mapping[str, str]) -> PostgresWarehouse | DuckDbWarehouse:
-    url = s.text(env, "WAREHOUSE_URL", "duckdb:///.data/warehouse.duckdb")
-    # The service's event kind (consumers/settings.py) picks the table.
-    table = CALL_TABLE if env.get("CONSUMER_EVENT_KIND", "").strip() == CALL.name else SMS_TABLE
+    # The service's event kind (consumers/settings.py) picks the table; embedded, each kind
+    # has its own file (DuckDB takes one writer per file).
+    calls = env.get("CONSUMER_EVENT_KIND", "").strip() == CALL.name
+    table = CALL_TABLE if calls else SMS_TABLE
+    default = (
+        "duckdb:///.data/warehouse-calls.duckdb" if calls else "duckdb:///.data/warehouse.duckdb"
+    )
+    url = s.text(env, "WAREHOUSE_URL", default)
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresWarehouse(
             url,
