@@ -55,6 +55,7 @@ from consumers.sinks import SINKS, SinkConfigError
 from onoff_events import logs
 from onoff_events import settings as s
 from onoff_events.cloudevents import rfc3339_now
+from onoff_events.event_kinds import CALL, KINDS, SMS, EventKind
 from onoff_events.kafka import KafkaSettings, topic_partitions
 from onoff_events.sms_event import EventChecker
 
@@ -151,17 +152,39 @@ def _time(timestamp_ms: int) -> str:
     return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
-def events_topic(env: Mapping[str, str]) -> str:
-    return s.text(env, "KAFKA_TOPIC", "sms-events")
+def events_topic(env: Mapping[str, str], kind: EventKind = SMS) -> str:
+    """The kind's topic, named as the services name it (``KAFKA_TOPIC``, ``KAFKA_CALL_TOPIC``)."""
+    if kind is CALL:
+        return s.text(env, "KAFKA_CALL_TOPIC", CALL.topic)
+    return s.text(env, "KAFKA_TOPIC", SMS.topic)
+
+
+def gateway_dlq(env: Mapping[str, str], kind: EventKind = SMS) -> str:
+    variable = "KAFKA_CALL_DLQ_TOPIC" if kind is CALL else "KAFKA_DLQ_TOPIC"
+    return s.text(env, variable, f"{events_topic(env, kind)}.dlq")
 
 
 def dlq_topics(env: Mapping[str, str]) -> list[str]:
-    events = events_topic(env)
-    return [gateway_dlq(env)] + [f"{events}.{sink}.dlq" for sink in SINKS]
+    """Every DLQ: each kind's gateway DLQ, then its sinks' DLQs."""
+    return [
+        topic
+        for kind in KINDS
+        for topic in (
+            gateway_dlq(env, kind),
+            *(f"{events_topic(env, kind)}.{sink}.dlq" for sink in SINKS),
+        )
+    ]
 
 
-def gateway_dlq(env: Mapping[str, str]) -> str:
-    return s.text(env, "KAFKA_DLQ_TOPIC", f"{events_topic(env)}.dlq")
+def dlq_kind(env: Mapping[str, str], topic: str) -> tuple[EventKind, str | None] | None:
+    """What ``topic`` is: a kind's gateway DLQ (kind, None) or a sink's DLQ (kind, sink)."""
+    for kind in KINDS:
+        if topic == gateway_dlq(env, kind):
+            return kind, None
+        sink = sink_of(topic, events_topic(env, kind), SINKS)
+        if sink is not None:
+            return kind, sink
+    return None
 
 
 def ledger_topic(env: Mapping[str, str]) -> str:
@@ -264,10 +287,11 @@ async def redrive(
 ) -> dict[str, Any]:
     """Re-drive the records of ``topic`` that ``filters`` take and no earlier re-drive moved;
     return the counts."""
-    events = events_topic(env)
-    sink = sink_of(topic, events, SINKS)
-    if topic != gateway_dlq(env) and sink is None:
+    what = dlq_kind(env, topic)
+    if what is None:
         raise RedriveError(f"{topic} is not a DLQ topic of this deployment: {dlq_topics(env)}")
+    kind, sink = what
+    events = events_topic(env, kind)
     ledger = ledger_topic(env)
     done = await read_ledger(kafka, ledger)
     chosen = [r for r in await read_all(kafka, [topic]) if filters.matches(r)]
@@ -280,15 +304,17 @@ async def redrive(
     }
     now = rfc3339_now()
     if sink is None:
-        checker = EventChecker()
-        verdicts = [recheck(r, checker, now) for r in todo]
+        checker = EventChecker(kind)
+        verdicts = [recheck(r, checker, kind, now) for r in todo]
         moving = [v for v in verdicts if isinstance(v, Republished)]
         counts["still_failing"] = dict(Counter(v for v in verdicts if isinstance(v, str)))
         counts["moved" if not dry_run else "would_move"] = len(moving)
         if not dry_run and moving:
             await _publish(kafka, events, ledger, moving, now)
         return counts
-    return counts | await _redrive_to_sink(env, sink, todo, ledger, now, dry_run=dry_run)
+    # The sink's own service settings, for the kind of the DLQ.
+    sink_env = {**env, "CONSUMER_EVENT_KIND": kind.name}
+    return counts | await _redrive_to_sink(sink_env, sink, todo, ledger, now, dry_run=dry_run)
 
 
 async def _publish(

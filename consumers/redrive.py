@@ -1,6 +1,7 @@
 """Re-driving dead letters, as pure functions: which records, and what each becomes.
 
-- A record of the gateway's DLQ (``sms-events.dlq``) goes through the same check as a webhook,
+- A record of a gateway DLQ (``sms-events.dlq``, ``call-events.dlq``) goes through the same
+  check as a webhook of its kind,
   against the schema in force now. If it passes, it becomes an ``sms-events`` record with its
   original id (the key), the CloudEvents headers the gateway would have written when it was
   received, and ``ce_redriven`` (when it was re-driven). If it still fails, it stays where it
@@ -24,11 +25,11 @@ from typing import Any
 
 import orjson
 
-from onoff_events.cloudevents import KEY_LABEL, Headers, SmsEventHeaders
+from onoff_events.cloudevents import KEY_LABEL, EventHeaders, Headers
+from onoff_events.event_kinds import EventKind
 from onoff_events.sms_event import EventChecker, ValidEvent
 
 REDRIVEN_TIME = "ce_redriven"
-DEFAULT_SOURCE = "/onoff-events/gateway/v1/onoff/sms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +118,11 @@ def original_body(record: DlqRecord) -> bytes | None:
     return None
 
 
-def recheck(record: DlqRecord, checker: EventChecker, now: str) -> Republished | str:
-    """The events-topic record for a gateway DLQ record that passes ``checker`` now, or the
-    reason it still fails (``unreadable`` when the DLQ record holds no body)."""
+def recheck(
+    record: DlqRecord, checker: EventChecker, kind: EventKind, now: str
+) -> Republished | str:
+    """The events-topic record for a gateway DLQ record of ``kind`` that passes ``checker``
+    now, or the reason it still fails (``unreadable`` when the DLQ record holds no body)."""
     body = original_body(record)
     if body is None:
         return "unreadable"
@@ -128,7 +131,9 @@ def recheck(record: DlqRecord, checker: EventChecker, now: str) -> Republished |
         return verdict.reason
     fields = record.fields()
     received = str(fields.get("received_at") or record.header("ce_time") or now)
-    headers = SmsEventHeaders(record.header("ce_source") or DEFAULT_SOURCE).build(
+    # The gateway's own source when the DLQ record lost its headers (its default setting).
+    source = record.header("ce_source") or f"/onoff-events/gateway{kind.path}"
+    headers = EventHeaders(source, kind).build(
         verdict.event_id, verdict.time, received, record.key_label()
     )
     headers.append((REDRIVEN_TIME, now.encode()))

@@ -790,9 +790,11 @@ def _tools_acls() -> set[tuple[str, str, str, str]]:
     uses: read every DLQ and the events topic; write the events topic (re-drive), each sink's
     DLQ (a replay's refusals) and the ledger; replay groups by prefix, no live group."""
     env: dict[str, str] = {}
-    events, ledger = dlq_cli.events_topic(env), dlq_cli.ledger_topic(env)
-    read_only = {dlq_cli.gateway_dlq(env)}
-    read_write = {events, ledger} | {t for t in dlq_cli.dlq_topics(env) if t not in read_only}
+    events = {dlq_cli.events_topic(env, kind) for kind in KINDS}
+    read_only = {dlq_cli.gateway_dlq(env, kind) for kind in KINDS}
+    read_write = {*events, dlq_cli.ledger_topic(env)} | {
+        t for t in dlq_cli.dlq_topics(env) if t not in read_only
+    }
     acls = {("topic", t, "literal", op) for t in read_only for op in ("Read", "Describe")}
     acls |= {
         ("topic", t, "literal", op) for t in read_write for op in ("Read", "Write", "Describe")

@@ -21,13 +21,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumers.redrive import DlqRecord, Filters, original_body, recheck, replay_sources
+from onoff_events.event_kinds import CALL, KINDS, SMS, EventKind
 from onoff_events.kafka import KafkaSettings, ensure_topics
-from onoff_events.sms_event import EventChecker
+from onoff_events.sms_event import EventChecker, ValidEvent
 from tests.conftest import ROOT, TEST_KEY, gateway_env, wait_until
 from tests.consumer_harness import ConsumerProcess, InProcessConsumer, consumer_env
 from tests.fakes.hubspot import DEFAULT_TOKEN, FakeHubSpot
 from tests.live_gateway import GatewayThread, fresh_topics, read_topic
-from tests.payloads import sms_event
+from tests.payloads import call_event, sms_event
 from tests.services import free_port
 from tests.test_replay import AUDIT, proposed, sql
 
@@ -67,12 +68,51 @@ def test_kept_bytes_are_re_driven_byte_for_byte(raw: bytes) -> None:
     assert original_body(dlq_record(fields)) == raw
 
 
-@given(st.binary(max_size=200))
-def test_any_dlq_value_gets_a_verdict_never_an_exception(value: bytes) -> None:
-    record = DlqRecord("sms-events.dlq", 0, 0, 0, None, value, [])
-    verdict = recheck(record, EventChecker(), "2026-11-27T00:00:00.000Z")
-    assert isinstance(verdict, str)  # random bytes never become a valid SMS event
-    assert replay_sources([record], "sms-events") == {}
+DLQ_SHAPED = st.fixed_dictionaries(
+    {},
+    optional={
+        "reason": st.text(max_size=20),
+        # Sometimes a valid SMS or call: the republished record is then checked too.
+        "payload": JSON | st.builds(sms_event) | st.builds(call_event),
+        "raw_body_base64": st.text(max_size=40) | st.binary(max_size=30).map(
+            lambda b: base64.b64encode(b).decode()
+        ),
+        "received_at": JSON,
+        "key_label": JSON,
+        "source": JSON | st.fixed_dictionaries(
+            {"topic": st.just("sms-events"), "partition": JSON, "offset": JSON}
+        ),
+    },
+)  # fmt: skip
+
+
+@given(
+    st.binary(max_size=200) | DLQ_SHAPED.map(orjson.dumps),
+    st.lists(st.tuples(st.sampled_from(["ce_source", "ce_time", "ce_keylabel"]), st.binary())),
+    st.sampled_from(KINDS),
+)
+def test_any_dlq_record_gets_a_verdict_never_an_exception(
+    value: bytes, headers: list[tuple[str, bytes]], kind: EventKind
+) -> None:
+    """Whatever the DLQ holds (another writer's bytes, a record of ours with any payload,
+    any headers): a verdict, a republished record that passes the schema, or a reason."""
+    record = DlqRecord("sms-events.dlq", 0, 0, 0, None, value, headers)
+    verdict = recheck(record, EventChecker(kind), kind, "2026-11-27T00:00:00.000Z")
+    if not isinstance(verdict, str):
+        assert isinstance(EventChecker(kind).check(verdict.value), ValidEvent)
+    for partition, offset in replay_sources([record], "sms-events").values():
+        assert min(partition, offset) >= 0
+
+
+def test_a_call_dead_letter_that_passes_now_goes_back_as_a_call() -> None:
+    event = call_event()
+    record = dlq_record({"reason": "schema_violation", "payload": event}, topic="call-events.dlq")
+    moved = recheck(record, EventChecker(CALL), CALL, "2026-11-27T00:00:00.000Z")
+    assert not isinstance(moved, str)
+    headers = dict(moved.headers)
+    assert headers["ce_type"] == b"com.onoff.business.call.v1"
+    assert headers["ce_source"] == b"/onoff-events/gateway/v1/onoff/cdr"
+    assert headers["ce_time"] == event["callStarted"].encode()
 
 
 def test_a_record_that_passes_now_keeps_its_id_label_and_receive_time() -> None:
@@ -88,7 +128,7 @@ def test_a_record_that_passes_now_keeps_its_id_label_and_receive_time() -> None:
         offset=42,
         headers=[("ce_source", b"/somewhere")],
     )
-    moved = recheck(record, EventChecker(), "2026-11-27T00:00:00.000Z")
+    moved = recheck(record, EventChecker(), SMS, "2026-11-27T00:00:00.000Z")
     assert not isinstance(moved, str)
     assert moved.key == event["id"].encode()
     assert moved.where == "sms-events.dlq:0:42"
