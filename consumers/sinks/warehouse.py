@@ -491,15 +491,15 @@ _PG_SELECT = {
 
 
 def _pg_row(event: SmsRecord) -> tuple[Any, ...]:
-    """What PostgreSQL needs besides the payload, in the insert's parameter order (pure)."""
-    return (
-        event.raw.decode(),
-        event.sent_at,
-        event.topic,
-        event.partition,
-        event.offset,
-        event.received_at,
-    )
+    """What PostgreSQL needs for an SMS, in the insert's parameter order (pure)."""
+    return _pg_params(event, event.sent_at)
+
+
+def _pg_params(event: EventRecord, *own: Any) -> tuple[Any, ...]:
+    """The payload, the table's own parameters, then where the event was read: the order of
+    every table's ``params`` (pure)."""
+    return (event.raw.decode(), *own, event.topic, event.partition, event.offset,
+            event.received_at)  # fmt: skip
 
 
 _event_id = attrgetter("event_id")
@@ -546,15 +546,7 @@ SMS_TABLE = Table(
 
 
 def _call_pg_params(event: CallRecord) -> tuple[Any, ...]:
-    return (
-        event.raw.decode(),
-        event.started_at,
-        event.ended_at,
-        event.topic,
-        event.partition,
-        event.offset,
-        event.received_at,
-    )
+    return _pg_params(event, event.started_at, event.ended_at)
 
 
 CALL_TABLE = Table(
