@@ -19,7 +19,7 @@ import orjson
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
-from consumers.dedupe import DedupeStore, dedupe_from_url
+from consumers.dedupe import DedupeStore
 from consumers.replay import (
     Position,
     ReplayError,
@@ -30,7 +30,7 @@ from consumers.replay import (
     replay_settings,
     resolve_range,
 )
-from consumers.service import serve
+from consumers.service import build_target, serve
 from consumers.settings import ConsumerSettings
 from consumers.sinks import SINKS, Sink, SinkConfigError
 from onoff_events import logs
@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ConsumerSettings.from_env(name, os.environ)
         if args.replay_from is not None and args.dry_run:
             return _replay(replay_settings(settings), None, args.replay_from, args.until)
-        sink = _sink(settings, registry)
-        # One namespace per consumer group: each group delivers each id once to its sink. A
-        # replay marks what it delivers in the live group's namespace.
-        dedupe = dedupe_from_url(
-            settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds, sink
-        )
+        sink, dedupe = build_target(settings, os.environ, registry)
     except (SettingsError, SinkConfigError) as exc:
         print(f"onoff-consumer: invalid setting: {exc}", file=sys.stderr)
         return 2
@@ -109,18 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     GCCollector(registry=registry)
     tune_garbage_collector()
     return _run(serve(settings, sink, dedupe, registry))
-
-
-def _sink(settings: ConsumerSettings, registry: CollectorRegistry) -> Sink:
-    """The service's sink, if it delivers the service's event kind."""
-    sink = SINKS[settings.sink](os.environ, registry)
-    kinds = getattr(sink, "event_kinds", frozenset({"sms"}))
-    if settings.kind.name not in kinds:
-        raise SinkConfigError(
-            f"CONSUMER_EVENT_KIND: the {settings.sink} sink delivers "
-            f"{', '.join(sorted(kinds))} events, not {settings.kind.name}"
-        )
-    return sink
 
 
 def _replay(

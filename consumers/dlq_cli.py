@@ -39,7 +39,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumers.dedupe import dedupe_from_url
 from consumers.redrive import (
     DlqRecord,
     Filters,
@@ -50,6 +49,7 @@ from consumers.redrive import (
     sink_of,
 )
 from consumers.replay import ReplayError, parse_position, plan_range, replay, replay_settings
+from consumers.service import build_target
 from consumers.settings import ConsumerSettings
 from consumers.sinks import SINKS, SinkConfigError
 from onoff_events import logs
@@ -352,7 +352,8 @@ async def _redrive_to_sink(
     dry_run: bool,
 ) -> dict[str, Any]:
     """Replay the source events of ``todo`` into ``sink_name`` only."""
-    settings = replay_settings(ConsumerSettings.from_env(sink_name, env))
+    live = ConsumerSettings.from_env(sink_name, env)
+    settings = replay_settings(live)
     events = settings.topic
     sources = replay_sources(todo, events)
     counts: dict[str, Any] = {"sink": sink_name, "no_source": len(todo) - len(sources)}
@@ -384,14 +385,7 @@ async def _redrive_to_sink(
     )
     if dry_run:
         return counts | {"would_move": len(held)}
-    registry = CollectorRegistry()
-    sink = SINKS[sink_name](env, registry)
-    dedupe = dedupe_from_url(
-        settings.dedupe_url,
-        ConsumerSettings.from_env(sink_name, env).group_id,
-        settings.dedupe_ttl_seconds,
-        sink,
-    )
+    sink, dedupe = build_target(live, env, CollectorRegistry())
     result = await replay(settings, sink, dedupe, plan, only=frozenset(held))
     counts |= {
         "moved": result.read,

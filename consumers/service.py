@@ -6,18 +6,38 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from consumers.dedupe import DedupeStore
+from consumers.dedupe import DedupeStore, dedupe_from_url
 from consumers.metrics import ConsumerMetrics
 from consumers.runner import Runner
 from consumers.settings import ConsumerSettings
-from consumers.sinks import Sink
+from consumers.sinks import SINKS, Sink, SinkConfigError
 from onoff_events.logs import log_event
 
 log = logging.getLogger("consumers")
+
+
+def build_target(
+    settings: ConsumerSettings, env: Mapping[str, str], registry: CollectorRegistry
+) -> tuple[Sink, DedupeStore]:
+    """The service's sink (if it delivers the service's event kind) and its dedupe store,
+    one namespace per live consumer group (a replay marks what it delivers there too).
+    Raises SinkConfigError, or ValueError for DEDUPE_URL."""
+    sink = SINKS[settings.sink](env, registry)
+    kinds = getattr(sink, "event_kinds", frozenset({"sms"}))
+    if settings.kind.name not in kinds:
+        raise SinkConfigError(
+            f"CONSUMER_EVENT_KIND: the {settings.sink} sink delivers "
+            f"{', '.join(sorted(kinds))} events, not {settings.kind.name}"
+        )
+    dedupe = dedupe_from_url(
+        settings.dedupe_url, settings.group_id, settings.dedupe_ttl_seconds, sink
+    )
+    return sink, dedupe
 
 
 def build_http(runner: Runner, registry: CollectorRegistry) -> web.Application:
